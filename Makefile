@@ -1,0 +1,29 @@
+# Everything a fresh machine with Python 3.11 and make needs: `make demo`, `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SAMPLE := build/sample
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+$(SAMPLE)/.done: $(STAMP)
+	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images-per-tar 64 --seed 0
+	touch $@
+
+demo: $(SAMPLE)/.done
+	$(PY) -m pipelines.summarize --input $(SAMPLE) --runner FnApiRunner
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,61 @@
+"""Reading a JPEG's dimensions from its header, without decoding it (the decompression-bomb guard)."""
+
+from __future__ import annotations
+
+import io
+from typing import Optional, Tuple
+
+# Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS): 1024 * 1024 * 1024 // 4 // 3.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Start-of-frame markers carry the frame size. 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers that stand alone, with no length field.
+_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01, 0xD8}
+
+
+def jpeg_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
+    """Returns ``(width, height)`` from the first start-of-frame segment, or None if none is found.
+
+    Walks the marker segments before the first scan; never touches the entropy-coded data, so the cost is
+    independent of the image size.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return width, height
+        i += 2 + length
+    return None
+
+
+def image_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
+    """JPEG header first; for anything else (a PNG named .jpg, junk before a marker) Pillow's lazy open."""
+    dims = jpeg_dimensions(data)
+    if dims is not None:
+        return dims
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # not an image Pillow knows either: the decoder will report it
+        return None

@@ -1,0 +1,411 @@
+"""Beam transforms: tar shards in, batches of decoded images (and failure records) out."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils import shared
+
+from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
+from beam_tarimg.decode import DEVICES, ImageDecoder
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS
+from beam_tarimg.tario import (
+    DEFAULT_EXTENSIONS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    normalize_extensions,
+    read_tar,
+    tar_display_name,
+)
+from beam_tarimg.types import EncodedBatch, FailureStage, ImageBatch, ImageFailure, ImageObject
+
+_LOG = logging.getLogger(__name__)
+
+NAMESPACE = "beam_tarimg"
+FAILURES = "failures"
+REDISTRIBUTE = ("auto", "encoded", "decoded", "none")
+
+# Runners that keep a shuffle's whole input in memory: "auto" shuffles nothing that grows with the data there.
+_LOCAL_RUNNERS = frozenset(
+    {"DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner", "PrismRunner",
+     "TestDirectRunner", "InteractiveRunner"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadConfig:
+    batch_size: int
+    extensions: tuple
+    include_metadata: bool
+    max_pixels: int
+    max_member_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeConfig:
+    batch_size: int
+    num_threads: Optional[int]
+    device: str
+    device_id: int
+    fallback: bool
+    max_pixels: int
+    hw_decoder_load: float
+
+    def make_decoder(self) -> ImageDecoder:
+        threads = self.num_threads or _usable_cores()
+        return ImageDecoder(
+            max_batch_size=self.batch_size,
+            num_threads=threads,
+            device=self.device,
+            device_id=self.device_id,
+            fallback=self.fallback,
+            max_pixels=self.max_pixels,
+            hw_decoder_load=self.hw_decoder_load,
+        )
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _Counters:
+    """Beam counters of one namespace, created on first use."""
+
+    def __init__(self):
+        self._counters = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        if n:
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+            counter.inc(n)
+
+
+class _SharedDecoder:
+    """The per-process decoder, plus whether its construction has been counted yet (weak-referenceable)."""
+
+    def __init__(self, config: _DecodeConfig):
+        self.decoder = config.make_decoder()
+        self.build_reported = 0
+        self.lock = threading.Lock()
+
+
+def _open_and_read(element, config: _ReadConfig, counters: _Counters):
+    """Yields EncodedBatch and TaggedOutput(FAILURES, ImageFailure) for one tar (a path or FileMetadata)."""
+    path = element if isinstance(element, str) else element.path
+    try:
+        f = FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+    except Exception as e:  # any filesystem: missing, permission, a directory, a network error
+        counters.count("tars_failed")
+        yield TaggedOutput(FAILURES, ImageFailure(path, None, FailureStage.OPEN, f"{type(e).__name__}: {e}"))
+        return
+    with f:
+        for event in read_tar(
+            f,
+            path,
+            batch_size=config.batch_size,
+            extensions=config.extensions,
+            include_metadata=config.include_metadata,
+            max_pixels=config.max_pixels,
+            max_member_bytes=config.max_member_bytes,
+            count=counters.count,
+        ):
+            if isinstance(event, ImageFailure):
+                if event.stage in (FailureStage.LIMIT, FailureStage.DECODE):
+                    counters.count("images_failed")
+                yield TaggedOutput(FAILURES, event)
+            else:
+                yield event
+    counters.count("tars_read")
+
+
+class _ReadTarsFn(beam.DoFn):
+    """Reads tars into EncodedBatches (no decode). Counters: tars_read, tars_failed, tars_truncated,
+    tars_without_images, members_skipped, images_over_limit, images_failed, bytes_read."""
+
+    def __init__(self, config: _ReadConfig):
+        self._config = config
+
+    def setup(self):
+        self._counters = _Counters()
+
+    def process(self, element) -> Iterator:
+        yield from _open_and_read(element, self._config, self._counters)
+
+
+class _DecodeBatchesFn(beam.DoFn):
+    """Decodes EncodedBatches into ImageBatches with one DALI pipeline per process (shared between the
+    DoFn instances of that process). Counters: images_decoded_cpu, images_decoded_gpu,
+    images_decoded_fallback, images_failed, decoders_built, dali_rebuilds; distribution batch_decode_ms."""
+
+    def __init__(self, config: _DecodeConfig):
+        self._decode_config = config
+        self._shared_handle = shared.Shared()
+
+    def setup(self):
+        self._counters = _Counters()
+        self._decode_ms = Metrics.distribution(NAMESPACE, "batch_decode_ms")
+        self._shared = self._shared_handle.acquire(
+            lambda: _SharedDecoder(self._decode_config), tag=self._decode_config
+        )
+
+    def process(self, batch: EncodedBatch) -> Iterator:
+        yield from self._decode(batch)
+
+    def _report_builds(self) -> None:
+        s = self._shared
+        with s.lock:
+            new = s.decoder.builds - s.build_reported
+            first = s.build_reported == 0
+            s.build_reported = s.decoder.builds
+        if new:
+            self._counters.count("decoders_built", 1 if first else 0)
+            self._counters.count("dali_rebuilds", new - 1 if first else new)
+
+    def _decode(self, batch: EncodedBatch) -> Iterator:
+        if not batch.images:
+            return
+        start = time.perf_counter()
+        outcomes = self._shared.decoder.decode([image.data for image in batch.images])
+        self._decode_ms.update(int((time.perf_counter() - start) * 1000))
+        self._report_builds()
+        prefix = tar_display_name(batch.tar_path) + "/"
+        images = []
+        for encoded, outcome in zip(batch.images, outcomes):
+            if outcome.pixels is None:
+                self._counters.count("images_failed")
+                yield TaggedOutput(
+                    FAILURES, ImageFailure(batch.tar_path, encoded.member, FailureStage.DECODE, outcome.error)
+                )
+                continue
+            self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
+                                 f"images_decoded_{outcome.decoder}")
+            images.append(ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata))
+        if images:
+            yield ImageBatch(batch.tar_path, images)
+
+
+class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
+    """Reads and decodes each tar in one step, one batch at a time (the counters of both DoFns above)."""
+
+    def __init__(self, read_config: _ReadConfig, decode_config: _DecodeConfig):
+        super().__init__(decode_config)
+        self._config = read_config
+
+    def process(self, element) -> Iterator:
+        for event in _open_and_read(element, self._config, self._counters):
+            if isinstance(event, EncodedBatch):
+                yield from self._decode(event)
+            else:
+                yield event
+
+
+def _is_local_runner(pipeline: beam.Pipeline) -> bool:
+    runner = getattr(pipeline, "runner", None)
+    return runner is None or type(runner).__name__ in _LOCAL_RUNNERS
+
+
+class ReadAllImagesFromTars(beam.PTransform):
+    """Decodes the JPEGs of each tar in a ``PCollection`` of tar paths (``str`` or ``FileMetadata``).
+
+    Outputs a ``PCollection[ImageBatch]``; ``.with_failures()`` makes it output ``(batches, failures)``, the
+    second a ``PCollection[ImageFailure]``. See ``ReadImagesFromTars`` for the parameters.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 100,
+        num_threads: Optional[int] = None,
+        device: str = "auto",
+        device_id: int = 0,
+        extensions: Union[str, Sequence[str]] = DEFAULT_EXTENSIONS,
+        include_metadata: bool = False,
+        redistribute: str = "auto",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        fallback: bool = True,
+        hw_decoder_load: float = 0.9,
+        accelerator: Optional[str] = None,
+    ):
+        super().__init__()
+        _check_int("batch_size", batch_size, 1)
+        if num_threads is not None:
+            _check_int("num_threads", num_threads, 1)
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        _check_int("device_id", device_id, 0)
+        if redistribute not in REDISTRIBUTE:
+            raise ValueError(f"redistribute must be one of {REDISTRIBUTE}, got {redistribute!r}")
+        _check_int("max_pixels", max_pixels, 1)
+        _check_int("max_member_bytes", max_member_bytes, 1)
+        if not isinstance(hw_decoder_load, (int, float)) or not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
+        self._read_config = _ReadConfig(
+            batch_size=batch_size,
+            extensions=normalize_extensions(extensions),
+            include_metadata=bool(include_metadata),
+            max_pixels=max_pixels,
+            max_member_bytes=max_member_bytes,
+        )
+        self._decode_config = _DecodeConfig(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device=device,
+            device_id=device_id,
+            fallback=bool(fallback),
+            max_pixels=max_pixels,
+            hw_decoder_load=float(hw_decoder_load),
+        )
+        self._redistribute = redistribute
+        self._accelerator = accelerator
+        self._with_failures = False
+
+    def with_failures(self) -> "ReadAllImagesFromTars":
+        """The same transform, giving ``(batches, failures)`` when applied."""
+        result = copy.copy(self)
+        result._with_failures = True
+        return result
+
+    def redistribute_mode(self, pipeline: beam.Pipeline) -> str:
+        """What ``redistribute="auto"`` means on this pipeline's runner: nothing that grows with the data is
+        shuffled on local runners; encoded batches are spread before the decode elsewhere."""
+        if self._redistribute != "auto":
+            return self._redistribute
+        return "none" if _is_local_runner(pipeline) else "encoded"
+
+    def _decode_hints(self, pipeline: beam.Pipeline) -> dict:
+        # Local runners ignore hints, and a hint gives a step its own environment there, which stops fusion
+        # and would make the FnApiRunner hold every decoded batch in memory.
+        if _is_local_runner(pipeline):
+            return {}
+        hints = {}
+        if self._decode_config.num_threads:
+            hints["cpu_count"] = self._decode_config.num_threads
+        if self._accelerator:
+            hints["accelerator"] = self._accelerator
+        return hints
+
+    def expand(self, tars):
+        mode = self.redistribute_mode(tars.pipeline)
+        hints = self._decode_hints(tars.pipeline)
+        if mode == "encoded":
+            read = tars | "ReadTars" >> beam.ParDo(_ReadTarsFn(self._read_config)).with_output_types(
+                EncodedBatch
+            ).with_outputs(FAILURES, main="batches")
+            spread = read.batches | "SpreadEncodedBatches" >> beam.Reshuffle()
+            decode = beam.ParDo(_DecodeBatchesFn(self._decode_config)).with_output_types(ImageBatch)
+            if hints:
+                decode = decode.with_resource_hints(**hints)
+            decoded = spread | "DecodeBatches" >> decode.with_outputs(FAILURES, main="batches")
+            batches = decoded.batches
+            failures = (read[FAILURES], decoded[FAILURES]) | "MergeFailures" >> beam.Flatten()
+        else:
+            fused = beam.ParDo(_ReadAndDecodeTarsFn(self._read_config, self._decode_config)).with_output_types(
+                ImageBatch
+            )
+            if hints:
+                fused = fused.with_resource_hints(**hints)
+            decoded = tars | "ReadAndDecodeTars" >> fused.with_outputs(FAILURES, main="batches")
+            batches = decoded.batches
+            if mode == "decoded":
+                batches = batches | "SpreadDecodedBatches" >> beam.Reshuffle()
+            failures = decoded[FAILURES]
+        return (batches, failures) if self._with_failures else batches
+
+
+class ReadImagesFromTars(beam.PTransform):
+    """Matches webdataset-style ``.tar`` shards and decodes their JPEGs with NVIDIA DALI.
+
+    Applied to a pipeline it gives a ``PCollection[ImageBatch]``; ``.with_failures()`` gives
+    ``(batches, failures)``, the second a ``PCollection[ImageFailure]``.
+
+    Args:
+      file_pattern: a glob (``"gs://bucket/data/*.tar"``) or a directory (all ``*.tar`` in it), on any
+        filesystem Beam knows.
+      batch_size: images per ``ImageBatch`` (and per DALI run); the last batch of a tar may be smaller, and
+        so is a batch that lost images to failures.
+      num_threads: DALI CPU threads per worker process; default: the cores the worker may use.
+      device: ``"auto"`` (GPU when DALI's worker sees a CUDA device, else CPU), ``"gpu"`` or ``"cpu"``.
+      device_id: the CUDA device for GPU decoding.
+      extensions: which members are JPEGs, case-insensitively (default ``("jpg", "jpeg")``).
+      include_metadata: attach each sample's ``.json`` sidecar (parsed) and ``.txt`` sidecar (as
+        ``metadata["caption"]``) when they sit next to the image in the tar with the same key.
+      redistribute: ``"auto"`` (``"none"`` on local runners, ``"encoded"`` elsewhere), ``"encoded"``
+        (Reshuffle the encoded batches, then decode), ``"decoded"`` (read and decode each tar in one step,
+        then Reshuffle the decoded batches) or ``"none"``.
+      max_pixels: images whose header claims more pixels are failures, never decoded (Pillow's
+        decompression-bomb threshold by default).
+      max_member_bytes: members larger than this are failures, never read.
+      fallback: decode images that DALI rejects with Pillow instead of failing them.
+      hw_decoder_load: share of GPU decoding given to the hardware JPEG decoder.
+      accelerator: a Beam ``accelerator`` resource hint for the decode step (e.g.
+        ``"type:nvidia-l4;count:1;install-nvidia-driver"``); applied on non-local runners only.
+      validate: check at construction that ``file_pattern`` matches at least one file.
+    """
+
+    def __init__(self, file_pattern: str, *, validate: bool = True, **kwargs):
+        super().__init__()
+        if not isinstance(file_pattern, str) or not file_pattern:
+            raise ValueError(f"file_pattern must be a non-empty string, got {file_pattern!r}")
+        self._pattern = tar_pattern(file_pattern)
+        self._read_all = ReadAllImagesFromTars(**kwargs)
+        if validate:
+            match_tars(self._pattern)
+
+    @property
+    def file_pattern(self) -> str:
+        return self._pattern
+
+    def with_failures(self) -> "ReadImagesFromTars":
+        """The same transform, giving ``(batches, failures)`` when applied."""
+        result = copy.copy(self)
+        result._read_all = self._read_all.with_failures()
+        return result
+
+    def expand(self, pbegin):
+        tars = (
+            pbegin
+            | "MatchTars" >> fileio.MatchFiles(self._pattern, fileio.EmptyMatchTreatment.DISALLOW)
+            | "SpreadTars" >> beam.Reshuffle()
+        )
+        return tars | "ReadAll" >> self._read_all
+
+
+def tar_pattern(path: str) -> str:
+    """A directory (local, or any path ending in '/') becomes ``<dir>/*.tar``; a glob is kept."""
+    if path.endswith("/"):
+        return path + "*.tar"
+    if "://" not in path and os.path.isdir(path):
+        return os.path.join(path, "*.tar")
+    return path
+
+
+def match_tars(pattern: str) -> list:
+    """The files matching ``pattern``; raises ValueError naming the pattern when there are none."""
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception as e:
+        raise ValueError(f"cannot match tar files for {pattern!r}: {e}") from e
+    if not matched:
+        raise ValueError(f"no files match {pattern!r}")
+    return matched
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,134 @@
+"""The records that move through the pipeline: images, batches and failures.
+
+Beam-free on purpose: the decode core imports these on machines that have only DALI, numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(eq=False)
+class ImageObject:
+    """One decoded image.
+
+    Attributes:
+      image_path: ``"<tar file name>/<member path>"``, e.g. ``"00000.tar/000000031.jpg"``.
+      image_id: the member path without its extension (the webdataset key), e.g. ``"000000031"``.
+      image_data: ``numpy.uint8`` array of shape (H, W, 3), RGB, original size, EXIF orientation applied.
+        Arrays that crossed a Beam coder are read-only views of the encoded bytes: copy before editing
+        in place.
+      metadata: a dict; empty unless sidecars were asked for (see ``ReadImagesFromTars``).
+    """
+
+    image_path: str
+    image_id: str
+    image_data: np.ndarray
+    metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageObject):
+            return NotImplemented
+        return (
+            self.image_path == other.image_path
+            and self.image_id == other.image_id
+            and self.metadata == other.metadata
+            and self.image_data.shape == other.image_data.shape
+            and self.image_data.dtype == other.image_data.dtype
+            and np.array_equal(self.image_data, other.image_data)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageObject(image_path={self.image_path!r}, image_id={self.image_id!r}, "
+            f"image_data=<{self.image_data.dtype} {self.image_data.shape}>, metadata={self.metadata!r})"
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class ImageBatch:
+    """Decoded images of one tar, in tar order. ``tar_path`` is the full path of that tar."""
+
+    tar_path: str
+    images: List[ImageObject]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[ImageObject]:
+        return iter(self.images)
+
+    def __getitem__(self, index: int) -> ImageObject:
+        return self.images[index]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageBatch):
+            return NotImplemented
+        return self.tar_path == other.tar_path and self.images == other.images
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of decoded pixels held by this batch."""
+        return sum(image.image_data.nbytes for image in self.images)
+
+
+class EncodedImage(NamedTuple):
+    """One JPEG member read from a tar, not yet decoded."""
+
+    member: str
+    image_id: str
+    data: bytes
+    metadata: Dict[str, Any]
+
+
+@dataclasses.dataclass(eq=False)
+class EncodedBatch:
+    """Up to ``batch_size`` encoded JPEGs of one tar, in tar order: what crosses the shuffle."""
+
+    tar_path: str
+    images: List[EncodedImage]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EncodedBatch):
+            return NotImplemented
+        return self.tar_path == other.tar_path and self.images == other.images
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(image.data) for image in self.images)
+
+
+class FailureStage:
+    """Where an input was lost. The values are the ``stage`` of an ``ImageFailure``."""
+
+    OPEN = "open"  # the tar could not be opened (missing, unreadable, a directory)
+    READ = "read"  # the tar is cut off or corrupt; every whole member before that point was still read
+    LIMIT = "limit"  # a member is over max_pixels or max_member_bytes; it was never decoded
+    DECODE = "decode"  # neither DALI nor the Pillow fallback could decode the member
+    METADATA = "metadata"  # a sidecar could not be parsed; the image itself was still emitted
+
+    ALL = (OPEN, READ, LIMIT, DECODE, METADATA)
+
+
+class ImageFailure(NamedTuple):
+    """A failure record: which tar, which member (None for the tar as a whole), which stage, what error."""
+
+    tar_path: str
+    member: Optional[str]
+    stage: str
+    error: str
+
+    def to_dict(self) -> Dict[str, Optional[str]]:
+        return {"tar": self.tar_path, "member": self.member, "stage": self.stage, "error": self.error}
