@@ -1,7 +1,7 @@
 """Beam coders for ImageBatch and EncodedBatch: pixels move as raw bytes plus shapes, not as pickles.
 
 Layout (all integers little-endian): a version byte, the tar path, the image count, then per image its
-strings, its metadata as sorted-key JSON (pickle only for metadata JSON cannot hold), and its payload.
+strings, its metadata as sorted-key JSON (pickle only for metadata that JSON would change), and its payload.
 Decoded pixel arrays are read-only views of the encoded bytes (no copy).
 """
 
@@ -23,6 +23,7 @@ _U64 = struct.Struct("<Q")
 _META_JSON = 0
 _META_PICKLE = 1
 _PER_IMAGE_OVERHEAD = 64  # a generous bound on the framing bytes of one image, for estimate_size
+_EMPTY_META = bytes((_META_JSON,)) + _U32.pack(2) + b"{}"
 
 
 def _put_str(parts: List[bytes], s: str) -> None:
@@ -32,12 +33,18 @@ def _put_str(parts: List[bytes], s: str) -> None:
 
 
 def _put_meta(parts: List[bytes], meta: Dict[str, Any]) -> None:
+    if not meta:
+        parts.append(_EMPTY_META)
+        return
     try:
-        b = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=True).encode("utf-8")
-        kind = _META_JSON
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+        exact = json.loads(text) == meta  # tuples, int keys and the like do not survive JSON
     except (TypeError, ValueError):
-        b = pickle.dumps(meta, protocol=4)
-        kind = _META_PICKLE
+        exact = False
+    if exact:
+        b, kind = text.encode("utf-8"), _META_JSON
+    else:
+        b, kind = pickle.dumps(meta, protocol=4), _META_PICKLE
     parts.append(bytes((kind,)))
     parts.append(_U32.pack(len(b)))
     parts.append(b)

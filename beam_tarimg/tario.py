@@ -108,7 +108,8 @@ def read_tar(
     """Yields ``EncodedBatch``es of up to ``batch_size`` JPEGs, in tar order, and ``ImageFailure``s inline.
 
     Counts (through ``count(name, n)``): ``members_skipped`` (not a JPEG, not a file, or a sidecar not
-    asked for), ``images_over_limit``, ``bytes_read``, ``tars_without_images``, and ``tars_truncated``.
+    asked for), ``images_over_limit``, ``bytes_read``, ``tars_without_images`` (read to the end, no JPEG
+    member) and ``tars_corrupt`` (not a tar, cut off, or corrupt part-way: each also yields a failure).
     A tar cut off or corrupt part-way yields all whole members before that point, then one failure.
     """
     extensions = frozenset(extensions)
@@ -126,7 +127,8 @@ def read_tar(
             images_seen += 1
             failure = _check_limits(tar_path, member, data, max_pixels, max_member_bytes)
             if failure is not None:
-                count("images_over_limit", 1)
+                if failure.stage == FailureStage.LIMIT:
+                    count("images_over_limit", 1)
                 yield failure
                 continue
             batch.append(EncodedImage(member, sample.key, data, dict(sample.metadata)))
@@ -135,7 +137,7 @@ def read_tar(
                 batch = []
 
     def cut_failure(error: str) -> ImageFailure:
-        count("tars_truncated", 1)
+        count("tars_corrupt", 1)
         where = f"after member {last_member!r}" if last_member else "before its first member"
         return ImageFailure(tar_path, None, FailureStage.READ, f"tar is cut off or corrupt {where}: {error}")
 
@@ -143,6 +145,7 @@ def read_tar(
         tf = tarfile.open(fileobj=reader, mode="r|*", tarinfo=_EndRecordingTarInfo)
     except (tarfile.TarError, EOFError, OSError) as e:
         count("bytes_read", reader.bytes_read)
+        count("tars_corrupt", 1)
         yield ImageFailure(tar_path, None, FailureStage.READ, f"not a readable tar: {type(e).__name__}: {e}")
         return
 

@@ -135,7 +135,7 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
 
 
 class _ReadTarsFn(beam.DoFn):
-    """Reads tars into EncodedBatches (no decode). Counters: tars_read, tars_failed, tars_truncated,
+    """Reads tars into EncodedBatches (no decode). Counters: tars_read, tars_failed, tars_corrupt,
     tars_without_images, members_skipped, images_over_limit, images_failed, bytes_read."""
 
     def __init__(self, config: _ReadConfig):

@@ -1,0 +1,124 @@
+"""The Beam-free decode core, ImageDecoder, with real DALI on the CPU."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from beam_tarimg.decode import ImageDecoder, resolve_device
+from beam_tarimg.jpeg import image_dimensions, jpeg_dimensions
+from beam_tarimg.sample import imagenet_like_jpeg
+from conftest import make_jpeg, pillow_rgb
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return ImageDecoder(max_batch_size=8, num_threads=2, device="cpu")
+
+
+def test_decoder__matches_pillow_on_the_imagenet_like_mix(decoder):
+    rng = np.random.default_rng(5)
+    blobs = [imagenet_like_jpeg(rng, i) for i in range(20)]  # 4:2:0, 4:4:4, progressive, grayscale
+    outcomes = decoder.decode(blobs)
+    for blob, outcome in zip(blobs, outcomes):
+        assert outcome.decoder == "cpu" and outcome.error is None
+        assert np.array_equal(outcome.pixels, pillow_rgb(blob))
+
+
+@pytest.mark.parametrize("bad_positions", [[0], [7], [2, 3], [0, 4, 7], list(range(8))])
+def test_decoder__isolates_bad_images_wherever_they_sit_in_the_batch(bad_positions):
+    decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu", fallback=False)
+    blobs = [make_jpeg(i) for i in range(8)]
+    for i in bad_positions:
+        blobs[i] = b"\xff\xd8\xff\xe0 not really a jpeg" * 5
+    outcomes = decoder.decode(blobs)
+    for i, outcome in enumerate(outcomes):
+        if i in bad_positions:
+            assert outcome.pixels is None and outcome.error.startswith("DALI")
+        else:
+            assert np.array_equal(outcome.pixels, pillow_rgb(blobs[i]))
+    # The pipeline was rebuilt after the failures and still decodes.
+    again = decoder.decode([make_jpeg(42)])
+    assert again[0].decoder == "cpu"
+
+
+def test_decoder__good_batches_build_the_pipeline_once(decoder):
+    before = decoder.builds
+    for _ in range(5):
+        decoder.decode([make_jpeg(i) for i in range(8)])
+    assert decoder.builds == before
+
+
+def test_decoder__lists_longer_than_the_batch_are_decoded_in_chunks_in_order(decoder):
+    blobs = [make_jpeg(i, 20 + i, 16) for i in range(19)]
+    outcomes = decoder.decode(blobs)
+    assert [o.pixels.shape[1] for o in outcomes] == [20 + i for i in range(19)]
+
+
+def test_decoder__pillow_fallback_refuses_images_over_max_pixels():
+    decoder = ImageDecoder(max_batch_size=2, num_threads=1, device="cpu", max_pixels=100)
+    jpeg = make_jpeg(1, 40, 30)
+    junk = jpeg[: jpeg.index(b"\xff\xdb")] + b"\x00\x01" + jpeg[jpeg.index(b"\xff\xdb") :]  # DALI rejects
+    (outcome,) = decoder.decode([junk])
+    assert outcome.pixels is None and "max_pixels=100" in outcome.error
+
+
+def test_decoder__is_safe_to_share_between_threads(decoder):
+    blobs = [make_jpeg(i) for i in range(6)]
+    expected = [pillow_rgb(b) for b in blobs]
+    errors = []
+
+    def work():
+        for _ in range(10):
+            outs = decoder.decode(blobs)
+            if not all(np.array_equal(o.pixels, e) for o, e in zip(outs, expected)):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_decoder__bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ImageDecoder(max_batch_size=0)
+    with pytest.raises(ValueError, match="'tpu'"):
+        resolve_device("tpu")
+
+
+def test_resolve_device__auto_is_cpu_without_a_cuda_device_and_gpu_is_an_error():
+    from beam_tarimg.decode import cuda_device_count
+
+    if cuda_device_count():
+        pytest.skip("a CUDA device is visible here; tests/test_gpu.py covers that path")
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        resolve_device("gpu")
+
+
+def test_jpeg_dimensions__agree_with_pillow_on_the_mix():
+    from PIL import Image
+    import io
+
+    rng = np.random.default_rng(9)
+    for i in range(20):
+        blob = imagenet_like_jpeg(rng, i)
+        assert jpeg_dimensions(blob) == Image.open(io.BytesIO(blob)).size
+
+
+def test_jpeg_dimensions__none_for_non_jpeg_and_pillow_reads_other_formats():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (7, 5)).save(buf, "PNG")
+    assert jpeg_dimensions(buf.getvalue()) is None
+    assert image_dimensions(buf.getvalue()) == (7, 5)
+    assert image_dimensions(b"nothing") is None
+    assert jpeg_dimensions(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame header
