@@ -134,7 +134,16 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
     counters.count("tars_read")
 
 
-class _ReadTarsFn(beam.DoFn):
+class _SetupStateFn(beam.DoFn):
+    """A DoFn whose attributes made in setup() stay out of its pickled state (live decoders, locks)."""
+
+    _SETUP_STATE = ("_counters", "_decode_ms", "_shared")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._SETUP_STATE}
+
+
+class _ReadTarsFn(_SetupStateFn):
     """Reads tars into EncodedBatches (no decode). Counters: tars_read, tars_failed, tars_corrupt,
     tars_without_images, members_skipped, images_over_limit, images_failed, bytes_read."""
 
@@ -148,7 +157,7 @@ class _ReadTarsFn(beam.DoFn):
         yield from _open_and_read(element, self._config, self._counters)
 
 
-class _DecodeBatchesFn(beam.DoFn):
+class _DecodeBatchesFn(_SetupStateFn):
     """Decodes EncodedBatches into ImageBatches with one DALI pipeline per process (shared between the
     DoFn instances of that process). Counters: images_decoded_cpu, images_decoded_gpu,
     images_decoded_fallback, images_failed, decoders_built, dali_rebuilds; distribution batch_decode_ms."""
