@@ -76,7 +76,9 @@ class ImageDecoder:
       device_id: the CUDA device for ``"gpu"``.
       fallback: offer images that DALI rejects to Pillow.
       max_pixels: the Pillow fallback refuses images over this many pixels.
-      hw_decoder_load: the share of GPU decoding sent to the hardware JPEG decoder (GPU only).
+      hw_decoder_load: the share of each batch's images given to the GPU's hardware JPEG decoder (A100,
+        H100/H200; baseline JPEGs only); the rest take nvJPEG's CUDA path, whose Huffman decoding runs on
+        the ``num_threads`` CPU threads (GPU only).
 
     ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
     ``builds`` counts how many DALI pipelines this instance has built (one, plus one per bad batch).
@@ -124,15 +126,24 @@ class ImageDecoder:
             batch_size=self.max_batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id if gpu else None,
+            # One batch is fed before each run(), so the queue depth must be 1 (deeper queues expect more
+            # fed batches and fail every second run). Pipelined execution still pays on the CPU: it measured
+            # faster than the synchronous executor here (BENCHMARKS.md).
             prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
+            exec_async=True,
+            exec_pipelined=True,
         )
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
             if gpu:
                 images = fn.decoders.image(
-                    encoded, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load
+                    encoded,
+                    device="mixed",
+                    output_type=types.RGB,
+                    hw_decoder_load=self.hw_decoder_load,
+                    # nvJPEG upsamples 4:2:0/4:2:2 chroma by repeating samples unless told otherwise;
+                    # libjpeg-turbo (DALI's CPU decoder, Pillow) interpolates: make both paths do the latter.
+                    jpeg_fancy_upsampling=True,
                 )
             else:
                 images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
