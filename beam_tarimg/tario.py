@@ -80,13 +80,14 @@ class _CountingReader:
 class _Sample:
     """The adjacent members sharing one key: its JPEGs and, when asked, its sidecars."""
 
-    __slots__ = ("key", "images", "metadata", "failures")
+    __slots__ = ("key", "images", "metadata", "failures", "sidecars")
 
     def __init__(self, key: str):
         self.key = key
         self.images: List[Tuple[str, bytes]] = []
         self.metadata: Dict[str, Any] = {}
         self.failures: List[Tuple[str, str]] = []
+        self.sidecars = 0
 
 
 def tar_display_name(tar_path: str) -> str:
@@ -121,6 +122,8 @@ def read_tar(
 
     def flush_sample(sample: _Sample) -> Iterator[Union[EncodedBatch, ImageFailure]]:
         nonlocal batch, images_seen
+        if not sample.images:
+            count("members_skipped", sample.sidecars)  # sidecars of no image: read, then dropped
         for member, error in sample.failures:
             yield ImageFailure(tar_path, member, FailureStage.METADATA, error)
         for member, data in sample.images:
@@ -202,6 +205,7 @@ def read_tar(
                     sample.images.append((name, data))
                     yield from flush_sample(sample)
             else:
+                pending.sidecars += 1
                 _parse_sidecar(pending, name, ext, data)
         if pending is not None:
             yield from flush_sample(pending)

@@ -265,6 +265,8 @@ def test_reader__include_metadata_attaches_json_and_caption(tmp_path, read_tars)
         ("000000003.jpg", make_jpeg(3)),  # no sidecar
         ("000000004.jpg", make_jpeg(4)),
         ("000000004.json", b"{broken json"),
+        ("000000005.txt", b"a caption of no image"),
+        ("000000005.json", b"{}"),
     ]
     write_tar(tmp_path / "meta.tar", members)
     result = read_tars(str(tmp_path / "meta.tar"), batch_size=3, include_metadata=True)
@@ -274,7 +276,7 @@ def test_reader__include_metadata_attaches_json_and_caption(tmp_path, read_tars)
     assert meta["000000003"] == {}
     assert meta["000000004"] == {}
     assert [(f.member, f.stage) for f in result.failures] == [("000000004.json", FailureStage.METADATA)]
-    assert result.counters.get("members_skipped", 0) == 0
+    assert result.counters["members_skipped"] == 2  # the sidecars of no image
 
 
 def test_reader__sidecars_are_skipped_without_include_metadata(tmp_path, read_tars):
