@@ -8,10 +8,12 @@ an image that Pillow cannot decode either is reported as failed.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import io
 import logging
 import threading
+import weakref
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -109,6 +111,8 @@ class ImageDecoder:
         self._lock = threading.Lock()
         self._pipe = None
         self._pipe = self._build()
+        # Free the pipeline while the interpreter is whole: DALI's own __del__ fails at interpreter shutdown.
+        atexit.register(_release_pipeline, weakref.ref(self))
         _LOG.info(
             "beam_tarimg: DALI %s decoder ready (device_id=%s, num_threads=%d, max_batch_size=%d)",
             "GPU (mixed)" if self.device == "gpu" else "CPU",
@@ -193,6 +197,13 @@ class ImageDecoder:
         if self.device == "gpu":
             out = out.as_cpu()
         return [out.at(i) for i in range(len(out))]
+
+
+def _release_pipeline(ref: "weakref.ref[ImageDecoder]") -> None:
+    decoder = ref()
+    if decoder is not None:
+        with decoder._lock:
+            decoder._pipe = None
 
 
 def _short_dali_error(e: BaseException) -> str:
