@@ -20,7 +20,11 @@ $(SAMPLE)/.done: $(STAMP)
 	touch $@
 
 demo: $(SAMPLE)/.done
-	$(PY) -m pipelines.summarize --input $(SAMPLE) --runner FnApiRunner
+	rm -rf build/demo
+	$(PY) -m pipelines.tar_to_parquet --input $(SAMPLE) --output build/demo/images \
+		--failures build/demo/failures.jsonl --include_metadata \
+		--runner DirectRunner --direct_running_mode multi_processing --direct_num_workers 2 \
+		--default_sdk_harness_log_level WARNING
 
 test: $(STAMP)
 	$(PY) -m pytest

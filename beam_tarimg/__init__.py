@@ -16,6 +16,10 @@ _LAZY = {
     "ImageBatchCoder": "beam_tarimg.coders",
     "EncodedBatchCoder": "beam_tarimg.coders",
     "ImageDecoder": "beam_tarimg.decode",
+    "WriteImagesToParquet": "beam_tarimg.parquetio",
+    "ReadImagesFromParquet": "beam_tarimg.parquetio",
+    "WriteImagesToTFRecord": "beam_tarimg.tfrecordio",
+    "ReadImagesFromTFRecord": "beam_tarimg.tfrecordio",
 }
 
 __all__ = [

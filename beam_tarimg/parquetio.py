@@ -1,0 +1,355 @@
+"""Parquet: ``WriteImagesToParquet`` (a ``PCollection[ImageBatch]`` in, one row per image out, through Beam's
+``WriteToParquetBatched``) and ``ReadImagesFromParquet`` (rows back into ``ImageBatch``es).
+
+The schema is ``beam_tarimg.schema``'s. Row groups are sized by bytes (``row_group_bytes``), so a writer
+holds at most about one row group of images, never a whole shard.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam import coders
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch coder)
+from beam_tarimg import schema
+from beam_tarimg.transforms import NAMESPACE
+from beam_tarimg.types import ImageBatch, ImageObject
+
+DEFAULT_ROW_GROUP_BYTES = 64 * 1024 * 1024
+# A Parquet binary column chunk has 32-bit offsets; one row group must stay below 2 GiB of image data.
+MAX_ROW_GROUP_BYTES = 1024 * 1024 * 1024
+
+ARROW_SCHEMA = pa.schema(
+    [
+        pa.field(schema.IMAGE_ID, pa.string(), nullable=False),
+        pa.field(schema.IMAGE_PATH, pa.string(), nullable=False),
+        pa.field(schema.HEIGHT, pa.int32(), nullable=False),
+        pa.field(schema.WIDTH, pa.int32(), nullable=False),
+        pa.field(schema.CHANNELS, pa.int32(), nullable=False),
+        pa.field(schema.IMAGE_FORMAT, pa.string(), nullable=False),
+        pa.field(schema.IMAGE_DATA, pa.binary(), nullable=False),
+        pa.field(schema.METADATA, pa.string(), nullable=False),
+    ]
+)
+
+PARQUET_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
+
+
+class _RowGroup:
+    """Type hint of the PCollection between the table builder and the sink: its elements are ``pyarrow.Table``s,
+    each one Parquet row group. It only selects ``_ArrowTableCoder``, so that Beam's size sampling measures
+    a table by its byte count instead of pickling it."""
+
+
+class _ArrowTableCoder(coders.Coder):
+    """A pyarrow Table as an Arrow IPC stream; ``estimate_size`` reads ``Table.nbytes``."""
+
+    def encode(self, table: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    def decode(self, encoded: bytes) -> pa.Table:
+        return pa.ipc.open_stream(pa.py_buffer(encoded)).read_all()
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def estimate_size(self, table: pa.Table) -> int:
+        return int(table.nbytes)
+
+    def to_type_hint(self):
+        return _RowGroup
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+coders.registry.register_coder(_RowGroup, _ArrowTableCoder)
+
+
+class _PendingRows:
+    """Columns of the rows of one row group being collected; the image bytes are joined only at the end."""
+
+    __slots__ = ("ids", "paths", "heights", "widths", "channels", "data", "metadata", "nbytes")
+
+    def __init__(self):
+        self.ids: List[str] = []
+        self.paths: List[str] = []
+        self.heights: List[int] = []
+        self.widths: List[int] = []
+        self.channels: List[int] = []
+        self.data: list = []
+        self.metadata: List[str] = []
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_table(self, image_format: str) -> pa.Table:
+        n = len(self.ids)
+        lengths = np.fromiter((len(d) for d in self.data), dtype=np.int64, count=n)
+        ends = np.cumsum(lengths)
+        if n and ends[-1] >= 2**31:
+            raise ValueError(f"a row group of {ends[-1]} bytes of image data is over the 2 GiB a Parquet "
+                             f"binary column chunk can hold: lower row_group_bytes")
+        offsets = np.zeros(n + 1, dtype=np.int32)
+        offsets[1:] = ends
+        image_data = pa.Array.from_buffers(
+            pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(self.data))]
+        )
+        columns = [
+            pa.array(self.ids, pa.string()),
+            pa.array(self.paths, pa.string()),
+            pa.array(np.asarray(self.heights, dtype=np.int32)),
+            pa.array(np.asarray(self.widths, dtype=np.int32)),
+            pa.array(np.asarray(self.channels, dtype=np.int32)),
+            pa.array([image_format] * n, pa.string()),
+            image_data,
+            pa.array(self.metadata, pa.string()),
+        ]
+        return pa.Table.from_arrays(columns, schema=ARROW_SCHEMA)
+
+
+class _ImagesToRowGroupsFn(beam.DoFn):
+    """Collects the images of ImageBatches into ``pyarrow.Table``s of about ``row_group_bytes`` each (one per
+    window; the rest at the end of the bundle). Counters: images_written, row_groups_written."""
+
+    def __init__(self, row_group_bytes: int, image_format: str, jpeg_quality: int):
+        self._row_group_bytes = row_group_bytes
+        self._image_format = image_format
+        self._jpeg_quality = jpeg_quality
+
+    def setup(self):
+        self._images_written = Metrics.counter(NAMESPACE, "images_written")
+        self._row_groups_written = Metrics.counter(NAMESPACE, "row_groups_written")
+
+    def start_bundle(self):
+        self._pending: Dict[object, _PendingRows] = {}
+
+    def process(self, batch: ImageBatch, window=beam.DoFn.WindowParam) -> Iterator[pa.Table]:
+        rows = self._pending.get(window)
+        if rows is None:
+            rows = self._pending[window] = _PendingRows()
+        for image in batch.images:
+            pixels, h, w, c = schema.pixels_hwc(image.image_path, image.image_data)
+            data = schema.encode_pixels(image.image_path, pixels, h, w, c, self._image_format, self._jpeg_quality)
+            meta = schema.metadata_json(image.image_path, image.metadata)
+            rows.ids.append(image.image_id)
+            rows.paths.append(image.image_path)
+            rows.heights.append(h)
+            rows.widths.append(w)
+            rows.channels.append(c)
+            rows.data.append(data)
+            rows.metadata.append(meta)
+            rows.nbytes += len(data) + len(meta) + len(image.image_path) + len(image.image_id) + 16
+            if rows.nbytes >= self._row_group_bytes:
+                yield self._flush(window)
+                rows = self._pending[window] = _PendingRows()
+
+    def finish_bundle(self):
+        pending, self._pending = self._pending, {}
+        for window, rows in pending.items():
+            if len(rows):
+                yield WindowedValue(self._to_table(rows), window.max_timestamp(), [window])
+
+    def _flush(self, window) -> pa.Table:
+        return self._to_table(self._pending.pop(window))
+
+    def _to_table(self, rows: _PendingRows) -> pa.Table:
+        table = rows.to_table(self._image_format)
+        self._images_written.inc(table.num_rows)
+        self._row_groups_written.inc()
+        return table
+
+
+class WriteImagesToParquet(beam.PTransform):
+    """Writes a ``PCollection[ImageBatch]`` to Parquet files, one row per image, through Beam's
+    ``WriteToParquetBatched`` (so sharding, temporary files and the atomic rename come from Beam).
+
+    The output is the ``PCollection`` of the written file names. See ``beam_tarimg.schema`` for the columns.
+
+    Args:
+      file_path_prefix: where the files go, e.g. ``"gs://bucket/out/images"``; each file is named
+        ``<prefix><shard name><file_name_suffix>``.
+      file_name_suffix: default ``".parquet"``.
+      num_shards: the number of files; 0 (the default) lets the runner decide (about one per bundle). A fixed
+        number makes Beam group all rows by shard before writing.
+      shard_name_template: Beam's shard naming, default ``"-SSSSS-of-NNNNN"``.
+      row_group_bytes: a row group is closed once its images reach this many bytes (default 64 MiB); each
+        writer holds at most about one row group in memory. At most 1 GiB.
+      codec: Parquet compression, one of ``PARQUET_CODECS`` (default ``"none"``: raw pixels barely compress).
+      image_format: ``"raw"`` (default: HxWxC uint8, lossless), ``"png"`` (lossless, smaller, slower) or
+        ``"jpeg"`` (lossy, smallest); readers decode jpeg/png back to pixels.
+      jpeg_quality: JPEG quality for ``image_format="jpeg"`` (1-100, default 95).
+    """
+
+    def __init__(
+        self,
+        file_path_prefix: str,
+        *,
+        file_name_suffix: str = ".parquet",
+        num_shards: int = 0,
+        shard_name_template=None,
+        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+        codec: str = "none",
+        image_format: str = schema.RAW,
+        jpeg_quality: int = 95,
+    ):
+        super().__init__()
+        if not isinstance(file_path_prefix, str) or not file_path_prefix:
+            raise ValueError(f"file_path_prefix must be a non-empty string, got {file_path_prefix!r}")
+        if not isinstance(file_name_suffix, str):
+            raise ValueError(f"file_name_suffix must be a string, got {file_name_suffix!r}")
+        schema.check_int("num_shards", num_shards, 0)
+        schema.check_int("row_group_bytes", row_group_bytes, 1)
+        if row_group_bytes > MAX_ROW_GROUP_BYTES:
+            raise ValueError(f"row_group_bytes must be at most {MAX_ROW_GROUP_BYTES}, got {row_group_bytes!r}")
+        if not isinstance(codec, str) or codec.lower() not in PARQUET_CODECS:
+            raise ValueError(f"codec must be one of {PARQUET_CODECS}, got {codec!r}")
+        schema.check_image_format(image_format, jpeg_quality)
+        self._prefix = file_path_prefix
+        self._suffix = file_name_suffix
+        self._num_shards = num_shards
+        self._shard_name_template = shard_name_template
+        self._row_group_bytes = row_group_bytes
+        self._codec = codec.lower()
+        self._image_format = image_format
+        self._jpeg_quality = jpeg_quality
+
+    def expand(self, batches):
+        tables = batches | "ImagesToRowGroups" >> beam.ParDo(
+            _ImagesToRowGroupsFn(self._row_group_bytes, self._image_format, self._jpeg_quality)
+        ).with_input_types(ImageBatch).with_output_types(_RowGroup)
+        return tables | "WriteToParquet" >> beam.io.WriteToParquetBatched(
+            self._prefix,
+            schema=ARROW_SCHEMA,
+            codec=self._codec,
+            file_name_suffix=self._suffix,
+            num_shards=self._num_shards,
+            shard_name_template=self._shard_name_template,
+        )
+
+
+def _binary_rows(array: pa.Array):
+    """Per-row zero-copy byte views of a binary column (list of memoryviews)."""
+    if array.null_count:
+        raise ValueError("image_data has null values")
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        offset_type = np.int32 if pa.types.is_binary(array.type) else np.int64
+        _, offsets_buf, data_buf = array.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[array.offset : array.offset + len(array) + 1]
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        return [data[offsets[i] : offsets[i + 1]] for i in range(len(array))]
+    return [memoryview(v) for v in array.to_pylist()]
+
+
+def _column(rb: pa.RecordBatch, name: str, default=None) -> list:
+    index = rb.schema.get_field_index(name)
+    if index < 0:
+        return [default] * rb.num_rows
+    return rb.column(index).to_pylist()
+
+
+def images_from_record_batch(rb: pa.RecordBatch, source: str) -> Iterator[ImageObject]:
+    """The images of one Arrow record batch of the image schema (``image_format``/``metadata`` optional)."""
+    ids = _column(rb, schema.IMAGE_ID)
+    paths = _column(rb, schema.IMAGE_PATH)
+    heights = _column(rb, schema.HEIGHT)
+    widths = _column(rb, schema.WIDTH)
+    channels = _column(rb, schema.CHANNELS)
+    formats = _column(rb, schema.IMAGE_FORMAT)
+    metadata = _column(rb, schema.METADATA)
+    try:
+        data = _binary_rows(rb.column(rb.schema.get_field_index(schema.IMAGE_DATA)))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    for i in range(rb.num_rows):
+        path = paths[i]
+        pixels = schema.decode_pixels(f"{source}: {path}", data[i], formats[i], heights[i], widths[i], channels[i])
+        yield ImageObject(path, ids[i], pixels, schema.parse_metadata(metadata[i]))
+
+
+class _ReadParquetFileFn(beam.DoFn):
+    """Reads one Parquet file of the image schema into ImageBatches, one record batch at a time.
+    Counter: images_read."""
+
+    def __init__(self, batch_size: int):
+        self._batch_size = batch_size
+
+    def setup(self):
+        self._images_read = Metrics.counter(NAMESPACE, "images_read")
+
+    def process(self, element) -> Iterator[ImageBatch]:
+        path = element if isinstance(element, str) else element.path
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = [name for name in schema.REQUIRED_FIELDS if name not in names]
+            if missing:
+                raise ValueError(f"{path} is not an image table: it has no column {', '.join(missing)}")
+            columns = [name for name in schema.FIELDS if name in names]
+            grouper = schema.BatchGrouper(path, self._batch_size)
+            for rb in pf.iter_batches(batch_size=self._batch_size, columns=columns):
+                for image in images_from_record_batch(rb, path):
+                    yield from grouper.add(image)
+                self._images_read.inc(rb.num_rows)
+            yield from grouper.flush()
+
+
+class ReadImagesFromParquet(beam.PTransform):
+    """Reads Parquet files of the image schema back into a ``PCollection[ImageBatch]``.
+
+    Each file is read by one worker, front to back. A batch holds up to ``batch_size`` consecutive rows of
+    one file that come from the same tar; its ``tar_path`` is that tar's file name as recorded in
+    ``image_path`` (``"00000.tar"``; the tar's full path is not stored), or the Parquet file's path for rows
+    whose ``image_path`` has no ``/``. ``image_data`` is raw pixels (read-only arrays) or, for jpeg/png rows,
+    decoded back with Pillow; either way the arrays are HxWxC uint8.
+
+    Args:
+      file_pattern: a glob on any Beam filesystem, e.g. ``"out/images-*.parquet"``.
+      batch_size: images per ImageBatch at most.
+      validate: check at construction that ``file_pattern`` matches at least one file.
+    """
+
+    def __init__(self, file_pattern: str, *, batch_size: int = 100, validate: bool = True):
+        super().__init__()
+        check_file_pattern(file_pattern, validate)
+        schema.check_int("batch_size", batch_size, 1)
+        self._pattern = file_pattern
+        self._batch_size = batch_size
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(self._pattern, fileio.EmptyMatchTreatment.DISALLOW)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadFiles" >> beam.ParDo(_ReadParquetFileFn(self._batch_size)).with_output_types(ImageBatch)
+        )
+
+
+def check_file_pattern(file_pattern, validate: bool) -> None:
+    """Raises ValueError unless ``file_pattern`` is a non-empty string that (with ``validate``) matches files."""
+    if not isinstance(file_pattern, str) or not file_pattern:
+        raise ValueError(f"file_pattern must be a non-empty string, got {file_pattern!r}")
+    if validate:
+        try:
+            matched = FileSystems.match([file_pattern])[0].metadata_list
+        except Exception as e:
+            raise ValueError(f"cannot match files for {file_pattern!r}: {e}") from e
+        if not matched:
+            raise ValueError(f"no files match {file_pattern!r}")

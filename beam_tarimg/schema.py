@@ -1,0 +1,184 @@
+"""The one record schema of the Parquet and TFRecord sinks, and the image encodings they share.
+
+Beam-free (numpy, and Pillow for the ``"jpeg"``/``"png"`` formats): a row is one image.
+
+| field          | Parquet         | TFRecord (tf.train.Example) | content                                             |
+| ---            | ---             | ---                         | ---                                                 |
+| ``image_id``   | string          | bytes_list (UTF-8)          | the webdataset key, e.g. ``000000031``              |
+| ``image_path`` | string          | bytes_list (UTF-8)          | ``<tar name>/<member>``, e.g. ``00000.tar/000000031.jpg`` |
+| ``height``     | int32           | int64_list                  | rows of the decoded image                           |
+| ``width``      | int32           | int64_list                  | columns of the decoded image                        |
+| ``channels``   | int32           | int64_list                  | 3 for RGB (1 for a 2-D image written by other code) |
+| ``image_format`` | string        | bytes_list                  | ``raw``, ``jpeg`` or ``png``: what ``image_data`` holds |
+| ``image_data`` | binary          | bytes_list                  | raw: HxWxC uint8, row-major; jpeg/png: the encoded image |
+| ``metadata``   | string (JSON)   | bytes_list (UTF-8 JSON)     | the image's metadata dict, ``{}`` when none         |
+
+``height``, ``width`` and ``channels`` are always those of the decoded pixels, whatever ``image_format``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from beam_tarimg.types import ImageBatch, ImageObject
+
+IMAGE_ID = "image_id"
+IMAGE_PATH = "image_path"
+HEIGHT = "height"
+WIDTH = "width"
+CHANNELS = "channels"
+IMAGE_FORMAT = "image_format"
+IMAGE_DATA = "image_data"
+METADATA = "metadata"
+
+FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS, IMAGE_FORMAT, IMAGE_DATA, METADATA)
+# What a reader cannot do without; image_format and metadata may be missing from files written by other code.
+REQUIRED_FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS, IMAGE_DATA)
+
+RAW, JPEG, PNG = "raw", "jpeg", "png"
+IMAGE_FORMATS = (RAW, JPEG, PNG)
+
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Raises ValueError naming the bad value unless it is an int (not a bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_image_format(image_format, jpeg_quality) -> None:
+    """Raises ValueError naming the bad value."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be an integer in [1, 100], got {jpeg_quality!r}")
+
+
+def pixels_hwc(image_path: str, pixels: np.ndarray) -> Tuple[np.ndarray, int, int, int]:
+    """A C-contiguous uint8 view of ``pixels`` and its height, width and channels (2-D means 1 channel)."""
+    a = np.asarray(pixels)
+    if a.dtype != np.uint8:
+        raise ValueError(f"image_data of {image_path!r} must be uint8 to be written, got {a.dtype}")
+    if a.ndim == 2:
+        h, w, c = a.shape[0], a.shape[1], 1
+    elif a.ndim == 3:
+        h, w, c = a.shape
+    else:
+        raise ValueError(f"image_data of {image_path!r} must be HxW or HxWxC, got shape {a.shape}")
+    return np.ascontiguousarray(a), h, w, c
+
+
+def encode_pixels(image_path: str, pixels: np.ndarray, h: int, w: int, c: int, image_format: str,
+                  jpeg_quality: int):
+    """The ``image_data`` of one image: a uint8 buffer (raw, no copy) or encoded bytes."""
+    if image_format == RAW:
+        return memoryview(pixels).cast("B")
+    from PIL import Image
+
+    mode = _PIL_MODES.get(c)
+    if mode is None or (image_format == JPEG and c == 4):
+        raise ValueError(f"cannot write {image_path!r} as {image_format}: it has {c} channels")
+    img = Image.fromarray(pixels.reshape(h, w) if c == 1 else pixels, mode)
+    buf = io.BytesIO()
+    if image_format == JPEG:
+        img.save(buf, "JPEG", quality=jpeg_quality)
+    else:
+        img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def metadata_json(image_path: str, metadata: Optional[Dict[str, Any]]) -> str:
+    """Sorted-key JSON of the metadata dict (numpy scalars and arrays become numbers and lists)."""
+    try:
+        return json.dumps(metadata or {}, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata of {image_path!r} cannot be written as JSON: {e}") from e
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def parse_metadata(text) -> Dict[str, Any]:
+    if text is None or text == "" or text == b"":
+        return {}
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {"json": value}
+
+
+def sniff_format(data, h: int, w: int, c: int) -> str:
+    """For rows without ``image_format``: raw when the size is HxWxC, else by the JPEG/PNG signature."""
+    n = len(data)
+    if n == h * w * c:
+        return RAW
+    head = bytes(data[:8])
+    if head[:3] == b"\xff\xd8\xff":
+        return JPEG
+    if head == b"\x89PNG\r\n\x1a\n":
+        return PNG
+    raise ValueError(f"image_data of {n} bytes is neither {h}x{w}x{c} raw pixels nor a JPEG or PNG")
+
+
+def decode_pixels(image_path: str, data, image_format: Optional[str], h: int, w: int, c: int) -> np.ndarray:
+    """The HxWxC uint8 pixels of one row. Raw data comes back as a read-only view of ``data``."""
+    if not image_format:
+        image_format = sniff_format(data, h, w, c)
+    if image_format == RAW:
+        a = np.frombuffer(data, dtype=np.uint8)
+        if a.size != h * w * c:
+            raise ValueError(f"{image_path!r}: raw image_data has {a.size} bytes, expected {h}x{w}x{c}")
+        return a.reshape(h, w, c)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"{image_path!r}: unknown image_format {image_format!r}")
+    from PIL import Image
+
+    mode = _PIL_MODES.get(c)
+    if mode is None:
+        raise ValueError(f"{image_path!r}: cannot decode {image_format} data into {c} channels")
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        a = np.asarray(img.convert(mode) if img.mode != mode else img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape != (h, w, c):
+        raise ValueError(f"{image_path!r}: {image_format} data decodes to {a.shape}, the row says {(h, w, c)}")
+    return a
+
+
+def tar_name(image_path: str) -> str:
+    """The tar's file name recorded in an ``image_path`` (``""`` when the path has no ``/``)."""
+    head, sep, _ = image_path.partition("/")
+    return head if sep else ""
+
+
+class BatchGrouper:
+    """Groups consecutive images read back from one file into ImageBatches of up to ``batch_size`` images of
+    one tar. A batch's ``tar_path`` is the tar name in its images' ``image_path`` (``source_path`` when the
+    path has no ``/``)."""
+
+    def __init__(self, source_path: str, batch_size: int):
+        self._source = source_path
+        self._batch_size = batch_size
+        self._tar = None
+        self._images: List[ImageObject] = []
+
+    def add(self, image: ImageObject) -> Iterator[ImageBatch]:
+        tar = tar_name(image.image_path) or self._source
+        if self._images and (tar != self._tar or len(self._images) >= self._batch_size):
+            yield from self.flush()
+        self._tar = tar
+        self._images.append(image)
+
+    def flush(self) -> Iterator[ImageBatch]:
+        if self._images:
+            yield ImageBatch(self._tar, self._images)
+            self._images = []

@@ -1,0 +1,300 @@
+"""TFRecord: ``WriteImagesToTFRecord`` (a ``PCollection[ImageBatch]`` in, one ``tf.train.Example`` per image
+out, through Beam's ``WriteToTFRecord``) and ``ReadImagesFromTFRecord`` (Examples back into ``ImageBatch``es).
+
+The Examples have the features of ``beam_tarimg.schema``; TensorFlow reads them with::
+
+    spec = {
+        "image_id": tf.io.FixedLenFeature([], tf.string),
+        "image_path": tf.io.FixedLenFeature([], tf.string),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+        "channels": tf.io.FixedLenFeature([], tf.int64),
+        "image_format": tf.io.FixedLenFeature([], tf.string),
+        "image_data": tf.io.FixedLenFeature([], tf.string),
+        "metadata": tf.io.FixedLenFeature([], tf.string),
+    }
+    ex = tf.io.parse_single_example(record, spec)
+    pixels = tf.reshape(tf.io.decode_raw(ex["image_data"], tf.uint8),
+                        tf.stack([ex["height"], ex["width"], ex["channels"]]))   # image_format "raw"
+
+The ``tf.train.Example`` classes come from TensorFlow when it is installed, else from the small ``tfrecord``
+package (``pip install tfrecord``); both are imported on first use only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import sys
+from typing import Iterator
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch coder)
+from beam_tarimg import schema
+from beam_tarimg.parquetio import check_file_pattern
+from beam_tarimg.transforms import NAMESPACE
+from beam_tarimg.types import ImageBatch, ImageObject
+
+_EXAMPLE_PB2 = None
+COMPRESSION_TYPES = (
+    CompressionTypes.AUTO,
+    CompressionTypes.UNCOMPRESSED,
+    CompressionTypes.GZIP,
+    CompressionTypes.DEFLATE,
+    CompressionTypes.BZIP2,
+    CompressionTypes.ZSTD,
+    CompressionTypes.LZMA,
+)
+_INSTALL_HINT = (
+    "writing or reading TFRecords needs the tf.train.Example protobuf classes: pip install tfrecord "
+    "(or have tensorflow installed)"
+)
+
+
+def example_pb2():
+    """The module holding ``Example``, ``Features``, ``Feature``, ``BytesList`` and ``Int64List``.
+
+    TensorFlow's own when TensorFlow is installed: the ``tfrecord`` package registers the same message names
+    (``tensorflow.Example``, ...) in protobuf's global pool, and whichever of the two is imported second in a
+    process fails with "duplicate symbol 'tensorflow.BytesList'" (vahidk/tfrecord#103). Otherwise the
+    ``tfrecord`` package's copy, which needs only protobuf. Raises ImportError saying what to install.
+    """
+    global _EXAMPLE_PB2
+    if _EXAMPLE_PB2 is None:
+        if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+            try:
+                from tensorflow.core.example import example_pb2 as module
+
+                _EXAMPLE_PB2 = module
+                return module
+            except Exception:  # a broken TensorFlow install: fall back to the tfrecord package
+                pass
+        try:
+            from tfrecord import example_pb2 as module
+        except ImportError as e:
+            raise ImportError(_INSTALL_HINT) from e
+        _EXAMPLE_PB2 = module
+    return _EXAMPLE_PB2
+
+
+def image_to_example(image: ImageObject, image_format: str = schema.RAW, jpeg_quality: int = 95) -> bytes:
+    """One image as a serialized ``tf.train.Example`` of the image schema."""
+    pb = example_pb2()
+    pixels, h, w, c = schema.pixels_hwc(image.image_path, image.image_data)
+    data = schema.encode_pixels(image.image_path, pixels, h, w, c, image_format, jpeg_quality)
+    example = pb.Example()
+    f = example.features.feature
+    f[schema.IMAGE_ID].bytes_list.value.append(image.image_id.encode("utf-8", errors="surrogateescape"))
+    f[schema.IMAGE_PATH].bytes_list.value.append(image.image_path.encode("utf-8", errors="surrogateescape"))
+    f[schema.HEIGHT].int64_list.value.append(h)
+    f[schema.WIDTH].int64_list.value.append(w)
+    f[schema.CHANNELS].int64_list.value.append(c)
+    f[schema.IMAGE_FORMAT].bytes_list.value.append(image_format.encode("ascii"))
+    f[schema.IMAGE_DATA].bytes_list.value.append(bytes(data))
+    f[schema.METADATA].bytes_list.value.append(schema.metadata_json(image.image_path, image.metadata).encode("utf-8"))
+    return example.SerializeToString()
+
+
+def _single(features, name: str, kind: str, source: str, required: bool = True):
+    feature = features.get(name)
+    if feature is None:
+        if required:
+            raise ValueError(f"{source}: the Example has no feature {name!r}")
+        return None
+    values = getattr(feature, kind).value
+    if len(values) != 1:
+        raise ValueError(f"{source}: feature {name!r} must hold one {kind} value, it holds {len(values)}")
+    return values[0]
+
+
+def example_to_image(serialized: bytes, source: str = "<record>") -> ImageObject:
+    """The image of one serialized ``tf.train.Example`` of the image schema."""
+    example = example_pb2().Example.FromString(serialized)
+    f = example.features.feature
+    path = _single(f, schema.IMAGE_PATH, "bytes_list", source).decode("utf-8", errors="surrogateescape")
+    image_id = _single(f, schema.IMAGE_ID, "bytes_list", source).decode("utf-8", errors="surrogateescape")
+    h = _single(f, schema.HEIGHT, "int64_list", source)
+    w = _single(f, schema.WIDTH, "int64_list", source)
+    c = _single(f, schema.CHANNELS, "int64_list", source)
+    fmt = _single(f, schema.IMAGE_FORMAT, "bytes_list", source, required=False)
+    meta = _single(f, schema.METADATA, "bytes_list", source, required=False)
+    data = _single(f, schema.IMAGE_DATA, "bytes_list", source)
+    pixels = schema.decode_pixels(f"{source}: {path}", data, fmt.decode("ascii") if fmt else None, h, w, c)
+    return ImageObject(path, image_id, pixels, schema.parse_metadata(meta.decode("utf-8") if meta else None))
+
+
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+def _masked_crc32c(data) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(bytes(data))
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_records(fileobj, source: str = "<file>") -> Iterator[bytes]:
+    """The records of a TFRecord stream, checking both CRCs of each; raises ValueError on corrupt framing."""
+    offset = 0
+    while True:
+        header = fileobj.read(12)
+        if not header:
+            return
+        if len(header) != 12:
+            raise ValueError(f"{source}: truncated record header at byte {offset}")
+        (length,) = _U64.unpack_from(header, 0)
+        (length_crc,) = _U32.unpack_from(header, 8)
+        if _masked_crc32c(header[:8]) != length_crc:
+            raise ValueError(f"{source}: corrupt record length at byte {offset}")
+        data = fileobj.read(length)
+        footer = fileobj.read(4)
+        if len(data) != length or len(footer) != 4:
+            raise ValueError(f"{source}: truncated record at byte {offset}")
+        if _masked_crc32c(data) != _U32.unpack(footer)[0]:
+            raise ValueError(f"{source}: corrupt record data at byte {offset}")
+        offset += 16 + length
+        yield data
+
+
+class _ImagesToExamplesFn(beam.DoFn):
+    """Each image of an ImageBatch as a serialized tf.train.Example. Counter: images_written."""
+
+    def __init__(self, image_format: str, jpeg_quality: int):
+        self._image_format = image_format
+        self._jpeg_quality = jpeg_quality
+
+    def setup(self):
+        example_pb2()
+        self._images_written = Metrics.counter(NAMESPACE, "images_written")
+
+    def process(self, batch: ImageBatch) -> Iterator[bytes]:
+        for image in batch.images:
+            yield image_to_example(image, self._image_format, self._jpeg_quality)
+        self._images_written.inc(len(batch.images))
+
+
+class WriteImagesToTFRecord(beam.PTransform):
+    """Writes a ``PCollection[ImageBatch]`` to TFRecord files, one ``tf.train.Example`` per image, through Beam's
+    ``WriteToTFRecord`` (sharding, temporary files and the atomic rename come from Beam).
+
+    The output is the ``PCollection`` of the written file names. The features are described in this module's
+    docstring and in ``beam_tarimg.schema``. Needs ``pip install tfrecord`` (or TensorFlow) for the Example
+    classes, and ``google-crc32c`` for Beam's record checksums.
+
+    Args:
+      file_path_prefix: where the files go; each is named ``<prefix><shard name><file_name_suffix>``.
+      file_name_suffix: default ``".tfrecord"``; with ``compression_type="auto"`` a ``".gz"`` suffix gzips.
+      num_shards: the number of files; 0 (the default) lets the runner decide.
+      shard_name_template: Beam's shard naming, default ``"-SSSSS-of-NNNNN"``.
+      compression_type: one of ``COMPRESSION_TYPES`` (default ``"auto"``: from the file name suffix).
+      image_format: ``"raw"`` (default, lossless), ``"png"`` (lossless) or ``"jpeg"`` (lossy).
+      jpeg_quality: JPEG quality for ``image_format="jpeg"`` (1-100, default 95).
+    """
+
+    def __init__(
+        self,
+        file_path_prefix: str,
+        *,
+        file_name_suffix: str = ".tfrecord",
+        num_shards: int = 0,
+        shard_name_template=None,
+        compression_type: str = "auto",
+        image_format: str = schema.RAW,
+        jpeg_quality: int = 95,
+    ):
+        super().__init__()
+        if not isinstance(file_path_prefix, str) or not file_path_prefix:
+            raise ValueError(f"file_path_prefix must be a non-empty string, got {file_path_prefix!r}")
+        if not isinstance(file_name_suffix, str):
+            raise ValueError(f"file_name_suffix must be a string, got {file_name_suffix!r}")
+        schema.check_int("num_shards", num_shards, 0)
+        if compression_type not in COMPRESSION_TYPES:
+            raise ValueError(f"compression_type must be one of {COMPRESSION_TYPES}, got {compression_type!r}")
+        schema.check_image_format(image_format, jpeg_quality)
+        example_pb2()  # fail while the pipeline is built, not on the workers
+        self._prefix = file_path_prefix
+        self._suffix = file_name_suffix
+        self._num_shards = num_shards
+        self._shard_name_template = shard_name_template
+        self._compression_type = compression_type
+        self._image_format = image_format
+        self._jpeg_quality = jpeg_quality
+
+    def expand(self, batches):
+        examples = batches | "ImagesToExamples" >> beam.ParDo(
+            _ImagesToExamplesFn(self._image_format, self._jpeg_quality)
+        ).with_input_types(ImageBatch).with_output_types(bytes)
+        return examples | "WriteToTFRecord" >> beam.io.WriteToTFRecord(
+            self._prefix,
+            file_name_suffix=self._suffix,
+            num_shards=self._num_shards,
+            shard_name_template=self._shard_name_template,
+            compression_type=self._compression_type,
+        )
+
+
+class _ReadTFRecordFileFn(beam.DoFn):
+    """Reads one TFRecord file of image Examples into ImageBatches. Counter: images_read."""
+
+    def __init__(self, batch_size: int, compression_type: str):
+        self._batch_size = batch_size
+        self._compression_type = compression_type
+
+    def setup(self):
+        example_pb2()
+        self._images_read = Metrics.counter(NAMESPACE, "images_read")
+
+    def process(self, element) -> Iterator[ImageBatch]:
+        path = element if isinstance(element, str) else element.path
+        grouper = schema.BatchGrouper(path, self._batch_size)
+        with FileSystems.open(path, compression_type=self._compression_type) as f:
+            for i, record in enumerate(read_records(f, path)):
+                yield from grouper.add(example_to_image(record, f"{path} record {i}"))
+                self._images_read.inc()
+        yield from grouper.flush()
+
+
+class ReadImagesFromTFRecord(beam.PTransform):
+    """Reads TFRecord files of image Examples back into a ``PCollection[ImageBatch]``.
+
+    Each file is read by one worker, front to back, checking the CRCs of every record. Batches are formed as
+    in ``ReadImagesFromParquet``: up to ``batch_size`` consecutive records of one file from the same tar,
+    ``tar_path`` being that tar's file name taken from ``image_path`` (or the TFRecord file's path when
+    ``image_path`` has no ``/``). jpeg/png ``image_data`` is decoded back with Pillow.
+
+    Args:
+      file_pattern: a glob on any Beam filesystem, e.g. ``"out/images-*.tfrecord"``.
+      batch_size: images per ImageBatch at most.
+      compression_type: one of ``COMPRESSION_TYPES`` (default ``"auto"``: from the file name suffix).
+      validate: check at construction that ``file_pattern`` matches at least one file.
+    """
+
+    def __init__(
+        self, file_pattern: str, *, batch_size: int = 100, compression_type: str = "auto", validate: bool = True
+    ):
+        super().__init__()
+        check_file_pattern(file_pattern, validate)
+        schema.check_int("batch_size", batch_size, 1)
+        if compression_type not in COMPRESSION_TYPES:
+            raise ValueError(f"compression_type must be one of {COMPRESSION_TYPES}, got {compression_type!r}")
+        example_pb2()
+        self._pattern = file_pattern
+        self._batch_size = batch_size
+        self._compression_type = compression_type
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "MatchFiles" >> fileio.MatchFiles(self._pattern, fileio.EmptyMatchTreatment.DISALLOW)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadFiles"
+            >> beam.ParDo(_ReadTFRecordFileFn(self._batch_size, self._compression_type)).with_output_types(
+                ImageBatch
+            )
+        )

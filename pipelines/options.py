@@ -1,0 +1,170 @@
+"""The command-line options shared by the runnable pipelines, and their checks before any work is done.
+
+``TarImagesOptions`` is a Beam ``PipelineOptions`` subclass: its flags travel with the pipeline options like any
+Beam flag. Every flag it does not define is handed to Beam (``--runner``, ``--direct_num_workers``,
+``--direct_running_mode``, ``--temp_location``, ...); a flag that neither knows is a usage error.
+
+Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever it reads options, so these
+flags have no ``required=True`` (that would break every other pipeline in the process) and other modules
+should reuse this class rather than define another ``--input`` or ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import List, Optional, Sequence, Tuple
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+
+from beam_tarimg.decode import DEVICES
+from beam_tarimg.schema import IMAGE_FORMATS
+from beam_tarimg.tario import DEFAULT_EXTENSIONS, normalize_extensions
+
+DEFAULT_RUNNER = "FnApiRunner"
+LOCAL_RUNNERS = ("fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner")  # lower case
+
+_BEAM_FLAGS_EPILOG = (
+    "Every other flag is a standard Beam pipeline option and is passed through to Beam, e.g. --runner "
+    "(default here: FnApiRunner), --direct_num_workers, --direct_running_mode, --temp_location. "
+    "Exit codes: 0 done, 2 usage error (bad flag, input that matches nothing, unwritable output), "
+    "1 the pipeline failed."
+)
+
+
+class UsageError(Exception):
+    """A user error found before any work was done; printed as one line, exit code 2."""
+
+
+class TarImagesOptions(PipelineOptions):
+    """Flags of ``python -m pipelines.tar_to_parquet`` / ``tar_to_tfrecord`` / ``summarize``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input", default=None,
+            help="tar shards to read: a glob (data/*.tar, gs://bucket/shards/*.tar) or a directory (all *.tar "
+                 "in it), on any filesystem Beam knows. Required.",
+        )
+        parser.add_argument(
+            "--output", default=None,
+            help="path prefix of the output files, e.g. out/images gives out/images-00000-of-00004.parquet. "
+                 "Required by tar_to_parquet and tar_to_tfrecord.",
+        )
+        parser.add_argument("--batch_size", type=int, default=100, help="images per DALI batch (default 100)")
+        parser.add_argument(
+            "--num_threads", type=int, default=None,
+            help="DALI CPU threads per worker process (default: the cores the worker may use)",
+        )
+        parser.add_argument(
+            "--device", default="auto", choices=DEVICES,
+            help="decode on the GPU, the CPU, or auto: the GPU when the worker sees one (default auto)",
+        )
+        parser.add_argument(
+            "--extensions", default=",".join(DEFAULT_EXTENSIONS),
+            help="comma-separated extensions of the JPEG members (default jpg,jpeg)",
+        )
+        parser.add_argument(
+            "--include_metadata", action="store_true", default=False,
+            help="attach each sample's .json and .txt sidecars as the metadata column",
+        )
+        parser.add_argument(
+            "--failures", default=None, metavar="PATH",
+            help="write one JSON line per lost input (tar, member, stage, error) to this file",
+        )
+        parser.add_argument(
+            "--image_format", default="raw", choices=IMAGE_FORMATS,
+            help="what image_data holds: raw HxWxC pixels (default, lossless), png (lossless) or jpeg (lossy)",
+        )
+        parser.add_argument("--jpeg_quality", type=int, default=95, help="quality of --image_format jpeg (95)")
+        parser.add_argument(
+            "--num_shards", type=int, default=0,
+            help="number of output files (default 0: the runner decides)",
+        )
+        parser.add_argument(
+            "--row_group_mb", type=int, default=64,
+            help="Parquet only: close a row group at this many MiB of image data (default 64)",
+        )
+        parser.add_argument(
+            "--preview_rows", type=int, default=5,
+            help="after the summary, print this many rows of the output (default 5; 0 for none)",
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as UsageError instead of printing the usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+class _BeamFlagsParser(_BeamArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_args(argv: Optional[Sequence[str]], prog: str, description: str) -> Tuple[argparse.Namespace, List[str]]:
+    """Our flags, and the Beam flags (with ``--runner`` defaulted to FnApiRunner). Raises UsageError.
+
+    ``--help`` prints our flags and exits with code 0.
+    """
+    parser = _Parser(prog=prog, description=description, epilog=_BEAM_FLAGS_EPILOG, allow_abbrev=False)
+    TarImagesOptions._add_argparse_args(parser)
+    args, beam_args = parser.parse_known_args(list(argv) if argv is not None else None)
+    _check_beam_flags(beam_args)
+    if PipelineOptions(beam_args).view_as(StandardOptions).runner is None:
+        beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
+    _check_values(args)
+    return args, beam_args
+
+
+def _check_beam_flags(beam_args: List[str]) -> None:
+    """Every flag must be known to one of Beam's option classes (Beam itself would only log a warning)."""
+    parser = _BeamFlagsParser(allow_abbrev=False)
+    seen = set()
+    for cls in PipelineOptions.__subclasses__():
+        if cls is TarImagesOptions or str(cls) in seen:
+            continue
+        seen.add(str(cls))
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(beam_args)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    for flag, minimum in (("batch_size", 1), ("num_threads", 1), ("num_shards", 0), ("row_group_mb", 1),
+                          ("preview_rows", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            raise UsageError(f"argument --{flag}: must be >= {minimum}, got {value}")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UsageError(f"argument --jpeg_quality: must be in [1, 100], got {args.jpeg_quality}")
+    if args.row_group_mb > 1024:
+        raise UsageError(f"argument --row_group_mb: must be at most 1024, got {args.row_group_mb}")
+    try:
+        args.extensions = normalize_extensions(args.extensions)
+    except ValueError as e:
+        raise UsageError(f"argument --extensions: {e}") from None
+
+
+def runner_name(beam_args: List[str]) -> str:
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    return runner if isinstance(runner, str) else type(runner).__name__
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Creates (and deletes) a probe file where ``path`` will be written; raises UsageError if that fails."""
+    if not path:
+        raise UsageError(f"{flag} is required")
+    try:
+        directory = path if path.endswith("/") else FileSystems.split(path)[0]
+        probe = FileSystems.join(directory, f".beam-tarimg-probe-{uuid.uuid4().hex}") if directory else (
+            f".beam-tarimg-probe-{uuid.uuid4().hex}"
+        )
+        with FileSystems.create(probe) as f:
+            f.write(b"")
+        FileSystems.delete([probe])
+    except Exception as e:  # any filesystem: permissions, a file where a directory should be, no such bucket
+        raise UsageError(f"{flag} {path!r} is not writable: {type(e).__name__}: {e}") from None

@@ -1,0 +1,194 @@
+"""The runnable pipelines: real DALI (CPU), the FnApiRunner, real files in tmp_path.
+
+Successful runs call ``run(argv)`` in this process (fast); the command-line behaviour (exit codes, one-line
+errors, no traceback) is checked on ``python -m pipelines.<name>`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image, write_tar
+from pipelines import summarize, tar_to_parquet, tar_to_tfrecord
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD_TARS, IMAGES_PER_TAR = 2, 6
+CORRUPT = b"\xff\xd8\xff\xe0" + b"this is not the rest of a JPEG" * 4
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two good tars of 6 small images with sidecars, and a third with one good and one corrupt JPEG."""
+    root = tmp_path_factory.mktemp("shards")
+    make_sample_dataset(str(root), num_tars=GOOD_TARS, images_per_tar=IMAGES_PER_TAR, seed=1, size=(48, 32))
+    rng = np.random.default_rng(3)
+    write_tar(str(root / "00002.tar"), [
+        ("good.jpg", encode_jpeg(photo_like_image(rng, 40, 30))),
+        ("broken.jpg", CORRUPT),
+        ("notes.cls", b"not an image"),
+    ])
+    return root
+
+
+def _run_quietly(run, argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = run(argv)
+    return summary, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parquet_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parquet_out")
+    argv = ["--input", str(shards), "--output", str(out / "images"), "--failures", str(out / "failures.jsonl"),
+            "--include_metadata", "--batch_size", "4", "--runner", "FnApiRunner"]
+    summary, stdout = _run_quietly(tar_to_parquet.run, argv)
+    return {"summary": summary, "stdout": stdout, "out": out, "shards": shards}
+
+
+def test_tar_to_parquet__writes_every_decodable_image_and_summarises_the_beam_metrics(parquet_run):
+    s = parquet_run["summary"]
+    good = GOOD_TARS * IMAGES_PER_TAR + 1
+    assert (s["tars"], s["tars_failed"], s["tars_corrupt"]) == (3, 0, 0)
+    assert (s["images_written"], s["images_decoded"]) == (good, good)
+    assert (s["images_failed"], s["failures"], s["members_skipped"]) == (1, 1, 1)
+    assert s["runner"] == "FnApiRunner" and s["images_per_second"] > 0
+    assert s["output_files"] and all(os.path.exists(f) for f in s["output_files"])
+    assert s["counters"]["images_written"] == good
+    table = pq.read_table(s["output_files"], columns=["image_id", "image_path", "metadata"])
+    rows = {r["image_path"]: r for r in table.to_pylist()}
+    assert len(rows) == good and "00002.tar/good.jpg" in rows and "00002.tar/broken.jpg" not in rows
+    meta = json.loads(rows["00000.tar/000000000.jpg"]["metadata"])
+    assert meta["key"] == "000000000" and meta["caption"].endswith("sample 000000000")
+
+
+def test_tar_to_parquet__prints_the_summary_then_the_first_rows_of_the_output(parquet_run):
+    stdout, s = parquet_run["stdout"], parquet_run["summary"]
+    assert f"images written   {s['images_written']}" in stdout
+    assert "failures         1" in stdout and s["output_files"][0] in stdout
+    preview = stdout.split("first rows of", 1)[1].splitlines()[1:]
+    assert preview[0].split() == ["image_id", "image_path", "shape", "metadata"]
+    assert len(preview) == 1 + 5
+    assert all(len(line.split()) >= 4 and "x" in line.split()[2] for line in preview[1:])
+
+
+def test_failures_file_holds_one_json_line_per_lost_image_with_tar_member_stage_and_error(parquet_run):
+    with open(parquet_run["out"] / "failures.jsonl", encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    assert len(lines) == 1
+    (failure,) = lines
+    assert set(failure) == {"tar", "member", "stage", "error"}
+    assert failure["tar"] == str(parquet_run["shards"] / "00002.tar")
+    assert (failure["member"], failure["stage"]) == ("broken.jpg", "decode")
+    assert failure["error"]
+
+
+def test_failures_file_is_empty_when_nothing_was_lost(shards, tmp_path):
+    failures = tmp_path / "failures.jsonl"
+    summary, _ = _run_quietly(tar_to_tfrecord.run, [
+        "--input", str(shards / "00000.tar"), "--output", str(tmp_path / "images"), "--failures", str(failures),
+        "--preview_rows", "0",
+    ])
+    assert summary["failures"] == 0 and failures.read_text() == ""
+
+
+def test_tar_to_tfrecord__defaults_to_the_fnapi_runner_and_writes_records_the_reader_gives_back(shards, tmp_path):
+    from beam_tarimg.tfrecordio import example_to_image, read_records
+
+    summary, stdout = _run_quietly(tar_to_tfrecord.run, [
+        "--input", str(shards / "*.tar"), "--output", str(tmp_path / "images"), "--image_format", "png",
+        "--num_shards", "2", "--preview_rows", "2",
+    ])
+    assert summary["runner"] == "FnApiRunner"
+    assert [os.path.basename(f) for f in summary["output_files"]] == [
+        "images-00000-of-00002.tfrecord", "images-00001-of-00002.tfrecord"]
+    images = []
+    for path in summary["output_files"]:
+        with open(path, "rb") as f:
+            images += [example_to_image(record) for record in read_records(f)]
+    assert len(images) == summary["images_written"] == GOOD_TARS * IMAGES_PER_TAR + 1
+    assert all(image.image_data.shape == (32, 48, 3) for image in images if image.image_id != "good")
+    assert all(image.metadata == {} for image in images)  # --include_metadata was not given
+    assert len(stdout.split("first rows of", 1)[1].splitlines()) == 1 + 1 + 2
+
+
+def test_summarize__passes_beam_flags_through_and_writes_nothing(shards, tmp_path):
+    summary, stdout = _run_quietly(summarize.run, [
+        "--input", str(shards), "--runner", "FnApiRunner",
+        "--direct_running_mode", "multi_threading", "--direct_num_workers", "2",
+    ])
+    assert summary["images_decoded"] == GOOD_TARS * IMAGES_PER_TAR + 1
+    assert summary["images_written"] == 0 and summary["output_files"] == []
+    assert "images decoded" in stdout and "first rows" not in stdout
+
+
+def test_help_lists_the_pipeline_flags_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tar_to_parquet.run(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--input", "--output", "--batch_size", "--num_threads", "--device", "--extensions",
+                 "--include_metadata", "--failures", "--image_format", "--runner"):
+        assert flag in out
+
+
+def test_the_options_are_a_beam_pipeline_options_subclass():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.options import TarImagesOptions
+
+    opts = PipelineOptions(["--input", "x/*.tar", "--batch_size", "7", "--include_metadata"]).view_as(
+        TarImagesOptions)
+    assert (opts.input, opts.batch_size, opts.include_metadata, opts.device) == ("x/*.tar", 7, True, "auto")
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", f"pipelines.{module}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_demo_command_exits_0_and_prints_the_summary_and_rows(shards, tmp_path):
+    proc = _cli("tar_to_parquet", "--input", str(shards), "--output", str(tmp_path / "demo" / "images"),
+                "--failures", str(tmp_path / "demo" / "failures.jsonl"), "--runner", "FnApiRunner")
+    assert proc.returncode == 0, proc.stderr
+    assert "images written   13" in proc.stdout and "first rows of" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("unknown flag", ["--output", "{tmp}/o", "--bogus_flag", "1"], "unrecognized arguments: --bogus_flag"),
+        ("bad value", ["--output", "{tmp}/o", "--batch_size", "many"], "--batch_size"),
+        ("bad choice", ["--output", "{tmp}/o", "--device", "tpu"], "--device"),
+        ("bad Beam value", ["--output", "{tmp}/o", "--direct_num_workers", "two"], "--direct_num_workers"),
+        ("unknown runner", ["--output", "{tmp}/o", "--runner", "NoSuchRunner"], "NoSuchRunner"),
+        ("missing output", [], "--output is required"),
+        ("no match", ["--input", "{tmp}/nothing-*.tar", "--output", "{tmp}/o"], "no files match"),
+        ("unwritable output", ["--output", "{tmp}/a_file/images"], "is not writable"),
+        ("unwritable failures", ["--output", "{tmp}/o", "--failures", "{tmp}/a_file/f.jsonl"], "is not writable"),
+    ],
+)
+def test_user_errors_exit_2_before_any_work_with_one_line_and_no_traceback(shards, tmp_path, case, args, message):
+    (tmp_path / "a_file").write_text("a regular file, not a directory")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--input" not in args:
+        args = ["--input", str(shards), *args]
+    proc = _cli("tar_to_parquet", *args)
+    assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], (case, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(("o-", "o.", "beam-temp"))]
