@@ -298,15 +298,15 @@ class ReadAllImagesFromTars(beam.PTransform):
         return "none" if _is_local_runner(pipeline) else "encoded"
 
     def _decode_hints(self, pipeline: beam.Pipeline) -> dict:
-        # Local runners ignore hints, and a hint gives a step its own environment there, which stops fusion
-        # and would make the FnApiRunner hold every decoded batch in memory.
-        if _is_local_runner(pipeline):
+        # A resource hint gives the decode step an environment of its own, so runners stop fusing it with
+        # the steps around it and decoded pixels cross processes (on the FnApiRunner: are held in memory).
+        # So hints are set only where a user asked for a GPU on that step, and never on local runners, which
+        # ignore them; num_threads then travels as the step's cpu_count.
+        if _is_local_runner(pipeline) or not self._accelerator:
             return {}
-        hints = {}
+        hints = {"accelerator": self._accelerator}
         if self._decode_config.num_threads:
-            hints["cpu_count"] = self._decode_config.num_threads
-        if self._accelerator:
-            hints["accelerator"] = self._accelerator
+            hints["cpu_count"] = str(self._decode_config.num_threads)  # Beam 2.77's CpuCountHint parses str only
         return hints
 
     def expand(self, tars):
@@ -363,7 +363,8 @@ class ReadImagesFromTars(beam.PTransform):
       fallback: decode images that DALI rejects with Pillow instead of failing them.
       hw_decoder_load: share of GPU decoding given to the hardware JPEG decoder.
       accelerator: a Beam ``accelerator`` resource hint for the decode step (e.g.
-        ``"type:nvidia-l4;count:1;install-nvidia-driver"``); applied on non-local runners only.
+        ``"type:nvidia-l4;count:1;install-nvidia-driver"``), with ``num_threads`` as its ``cpu_count`` hint;
+        applied on non-local runners only. The hinted step runs in its own environment, unfused.
       validate: check at construction that ``file_pattern`` matches at least one file.
     """
 
