@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, has_complete_header
 
 _LOG = logging.getLogger(__name__)
 
@@ -162,11 +162,17 @@ class ImageDecoder:
 
     def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
         """One outcome per input, in input order. Never raises for bad image bytes."""
+        outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
+        for_dali = []
+        for i, blob in enumerate(encoded):
+            if has_complete_header(blob):
+                for_dali.append(i)
+            else:  # never fed to DALI, which can crash on such bytes (see jpeg.has_complete_header)
+                outcomes[i] = DecodeOutcome(None, None, "not a complete JPEG (no whole frame and scan header)")
         with self._lock:
-            outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
-            arrays = [np.frombuffer(b, dtype=np.uint8) for b in encoded]
-            for start in range(0, len(arrays), self.max_batch_size):
-                self._decode_isolating(arrays, list(range(start, min(start + self.max_batch_size, len(arrays)))), outcomes)
+            arrays = {i: np.frombuffer(encoded[i], dtype=np.uint8) for i in for_dali}
+            for start in range(0, len(for_dali), self.max_batch_size):
+                self._decode_isolating(arrays, for_dali[start : start + self.max_batch_size], outcomes)
         if self.fallback:
             for i, outcome in enumerate(outcomes):
                 if outcome.pixels is None and len(encoded[i]):

@@ -20,9 +20,28 @@ def jpeg_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
     Walks the marker segments before the first scan; never touches the entropy-coded data, so the cost is
     independent of the image size.
     """
+    header = _walk_header(data)
+    return None if header is None else header[:2]
+
+
+def has_complete_header(data: bytes) -> bool:
+    """True when the bytes hold a JPEG whose marker segments, a frame header and a whole scan header included,
+    are complete and followed by scan data.
+
+    Only such bytes go to DALI: DALI 2.4's decoders can crash the process (not raise) on a batch holding bytes
+    without them (garbage after the start-of-image marker, random bytes, a file cut inside its header);
+    BENCHMARKS.md has the measurements. Anything else goes straight to the Pillow fallback.
+    """
+    header = _walk_header(data)
+    return header is not None and header[2]
+
+
+def _walk_header(data: bytes) -> Optional[Tuple[int, int, bool]]:
+    """``(width, height, scan_follows)`` from the segments before the first scan, or None without a frame."""
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
+    frame = None
     i = 2
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -34,17 +53,23 @@ def jpeg_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
         if marker in _STANDALONE:
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
-            return None
+        if marker == 0xD9:  # end of image before any scan
+            break
         length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF_MARKERS:
+        if marker == 0xDA:  # the first scan: complete when its header is whole and data follows it
+            if frame is None:
+                return None
+            return frame[0], frame[1], length >= 2 and i + 2 + length < n
+        if marker in _SOF_MARKERS and frame is None:
             if i + 9 > n:
                 return None
             height = (data[i + 5] << 8) | data[i + 6]
             width = (data[i + 7] << 8) | data[i + 8]
-            return width, height
+            frame = (width, height)
+        if length < 2:
+            break
         i += 2 + length
-    return None
+    return None if frame is None else (frame[0], frame[1], False)
 
 
 def image_dimensions(data: bytes) -> Optional[Tuple[int, int]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from beam_tarimg.decode import ImageDecoder, resolve_device
-from beam_tarimg.jpeg import image_dimensions, jpeg_dimensions
+from beam_tarimg.jpeg import has_complete_header, image_dimensions, jpeg_dimensions
 from beam_tarimg.sample import imagenet_like_jpeg
 from conftest import make_jpeg, pillow_rgb
 
@@ -32,7 +32,7 @@ def test_decoder__isolates_bad_images_wherever_they_sit_in_the_batch(bad_positio
     decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu", fallback=False)
     blobs = [make_jpeg(i) for i in range(8)]
     for i in bad_positions:
-        blobs[i] = b"\xff\xd8\xff\xe0 not really a jpeg" * 5
+        blobs[i] = _truncated_after_header(i)
     outcomes = decoder.decode(blobs)
     for i, outcome in enumerate(outcomes):
         if i in bad_positions:
@@ -42,6 +42,26 @@ def test_decoder__isolates_bad_images_wherever_they_sit_in_the_batch(bad_positio
     # The pipeline was rebuilt after the failures and still decodes.
     again = decoder.decode([make_jpeg(42)])
     assert again[0].decoder == "cpu"
+
+
+def _truncated_after_header(seed: int) -> bytes:
+    """A JPEG cut in the middle of its scan data: its header is whole, so it goes to DALI, which rejects it."""
+    jpeg = make_jpeg(100 + seed, 200, 160)
+    cut = jpeg[: len(jpeg) // 2]
+    assert has_complete_header(cut)
+    return cut
+
+
+def test_decoder__bytes_without_a_complete_jpeg_header_never_reach_dali():
+    decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu", fallback=False)
+    jpeg = make_jpeg(1)
+    scan = jpeg.index(b"\xff\xda")
+    blobs = [b"\xff\xd8garbage", b"random bytes" * 50, jpeg[:scan + 6], jpeg[:200], jpeg]
+    outcomes = decoder.decode(blobs)
+    assert decoder.builds == 1, "a bad batch went to DALI and forced a rebuild"
+    for outcome in outcomes[:4]:
+        assert outcome.pixels is None and "not a complete JPEG" in outcome.error
+    assert np.array_equal(outcomes[4].pixels, pillow_rgb(jpeg))
 
 
 def test_decoder__good_batches_build_the_pipeline_once(decoder):
