@@ -20,7 +20,9 @@ class ImageObject:
       image_id: the member path without its extension (the webdataset key), e.g. ``"000000031"``.
       image_data: ``numpy.uint8`` array of shape (H, W, 3), RGB, original size, EXIF orientation applied.
         Arrays that crossed a Beam coder are read-only views of the encoded bytes: copy before editing
-        in place.
+        in place. Arrays fresh from the decoder are views of their batch's DALI output buffer: an image
+        kept after its batch is gone keeps the whole batch's pixels in memory (about 0.5 MB x batch size
+        for ImageNet-sized images); ``.copy()`` the images you keep.
       metadata: a dict; empty unless sidecars were asked for (see ``ReadImagesFromTars``).
     """
 

@@ -64,6 +64,18 @@ def test_decoder__bytes_without_a_complete_jpeg_header_never_reach_dali():
     assert np.array_equal(outcomes[4].pixels, pillow_rgb(jpeg))
 
 
+def test_decoder__outputs_of_earlier_runs_survive_later_runs():
+    # The decoder hands out views of DALI's output buffers: they must not be reused by later runs.
+    decoder = ImageDecoder(max_batch_size=4, num_threads=2, device="cpu")
+    blobs = [make_jpeg(i, 30 + i % 5, 20) for i in range(24)]
+    kept = []
+    for start in range(0, 24, 4):
+        kept.extend(decoder.decode(blobs[start : start + 4]))
+    decoder.decode([make_jpeg(99, 35, 20)] * 4)  # one more run over the same shapes
+    for blob, outcome in zip(blobs, kept):
+        assert np.array_equal(outcome.pixels, pillow_rgb(blob))
+
+
 def test_decoder__good_batches_build_the_pipeline_once(decoder):
     before = decoder.builds
     for _ in range(5):
