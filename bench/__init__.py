@@ -1,0 +1,1 @@
+"""The beam-tarimg benchmark harness: ``python -m bench`` (see BENCHMARKS.md)."""
