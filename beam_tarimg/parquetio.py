@@ -22,7 +22,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch coder)
 from beam_tarimg import schema
-from beam_tarimg.transforms import NAMESPACE
+from beam_tarimg.transforms import NAMESPACE, match_files
 from beam_tarimg.types import ImageBatch, ImageObject
 
 DEFAULT_ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -347,9 +347,4 @@ def check_file_pattern(file_pattern, validate: bool) -> None:
     if not isinstance(file_pattern, str) or not file_pattern:
         raise ValueError(f"file_pattern must be a non-empty string, got {file_pattern!r}")
     if validate:
-        try:
-            matched = FileSystems.match([file_pattern])[0].metadata_list
-        except Exception as e:
-            raise ValueError(f"cannot match files for {file_pattern!r}: {e}") from e
-        if not matched:
-            raise ValueError(f"no files match {file_pattern!r}")
+        match_files(file_pattern)

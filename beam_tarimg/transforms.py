@@ -21,6 +21,7 @@ from apache_beam.utils import shared
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
 from beam_tarimg.decode import DEVICES, ImageDecoder
 from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS
+from beam_tarimg.schema import check_int
 from beam_tarimg.tario import (
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_MEMBER_BYTES,
@@ -252,16 +253,16 @@ class ReadAllImagesFromTars(beam.PTransform):
         accelerator: Optional[str] = None,
     ):
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
+        check_int("batch_size", batch_size, 1)
         if num_threads is not None:
-            _check_int("num_threads", num_threads, 1)
+            check_int("num_threads", num_threads, 1)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        _check_int("device_id", device_id, 0)
+        check_int("device_id", device_id, 0)
         if redistribute not in REDISTRIBUTE:
             raise ValueError(f"redistribute must be one of {REDISTRIBUTE}, got {redistribute!r}")
-        _check_int("max_pixels", max_pixels, 1)
-        _check_int("max_member_bytes", max_member_bytes, 1)
+        check_int("max_pixels", max_pixels, 1)
+        check_int("max_member_bytes", max_member_bytes, 1)
         if not isinstance(hw_decoder_load, (int, float)) or not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
         self._read_config = _ReadConfig(
@@ -405,17 +406,19 @@ def tar_pattern(path: str) -> str:
     return path
 
 
-def match_tars(pattern: str) -> list:
+def match_files(pattern: str, what: str = "files") -> list:
     """The files matching ``pattern``; raises ValueError naming the pattern when there are none."""
     try:
         matched = FileSystems.match([pattern])[0].metadata_list
     except Exception as e:
-        raise ValueError(f"cannot match tar files for {pattern!r}: {e}") from e
+        raise ValueError(f"cannot match {what} for {pattern!r}: {e}") from e
     if not matched:
         raise ValueError(f"no files match {pattern!r}")
     return matched
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def match_tars(pattern: str) -> list:
+    """``match_files`` for tar shards."""
+    return match_files(pattern, "tar files")
+
+
