@@ -186,16 +186,20 @@ class ImageDecoder:
         try:
             pixels = self._run([arrays[i] for i in indices])
         except RuntimeError as e:
-            self._rebuild()
-            if len(indices) == 1:
-                outcomes[indices[0]] = DecodeOutcome(None, None, _short_dali_error(e))
-                return
-            half = len(indices) // 2
-            self._decode_isolating(arrays, indices[:half], outcomes)
-            self._decode_isolating(arrays, indices[half:], outcomes)
+            error = _short_dali_error(e)
+        else:
+            for i, p in zip(indices, pixels):
+                outcomes[i] = DecodeOutcome(p, self.device, None)
             return
-        for i, p in zip(indices, pixels):
-            outcomes[i] = DecodeOutcome(p, self.device, None)
+        # Rebuild outside the except block: its traceback would keep the broken pipeline (threads, buffers,
+        # GPU memory) alive through every level of the halving below.
+        self._rebuild()
+        if len(indices) == 1:
+            outcomes[indices[0]] = DecodeOutcome(None, None, error)
+            return
+        half = len(indices) // 2
+        self._decode_isolating(arrays, indices[:half], outcomes)
+        self._decode_isolating(arrays, indices[half:], outcomes)
 
     def _run(self, batch: List[np.ndarray]) -> List[np.ndarray]:
         self._pipe.feed_input("encoded", batch)

@@ -72,15 +72,24 @@ def _walk_header(data: bytes) -> Optional[Tuple[int, int, bool]]:
     return None if frame is None else (frame[0], frame[1], False)
 
 
+class OverLimitError(ValueError):
+    """Pillow refused to even open an image this large (its own decompression-bomb check)."""
+
+
 def image_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
-    """JPEG header first; for anything else (a PNG named .jpg, junk before a marker) Pillow's lazy open."""
+    """JPEG header first; for anything else (a PNG named .jpg, junk before a marker) Pillow's lazy open.
+
+    Raises OverLimitError where Pillow refuses to open the image for its size.
+    """
     dims = jpeg_dimensions(data)
     if dims is not None:
         return dims
-    try:
-        from PIL import Image
+    from PIL import Image
 
+    try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.DecompressionBombError as e:
+        raise OverLimitError(f"Pillow: {e}") from e
     except Exception:  # not an image Pillow knows either: the decoder will report it
         return None

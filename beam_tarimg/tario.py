@@ -8,17 +8,29 @@ sidecars) are read into memory at all, and at most one batch of them at a time.
 from __future__ import annotations
 
 import json
+import lzma
 import posixpath
 import tarfile
+import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, image_dimensions
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, OverLimitError, image_dimensions
 from beam_tarimg.types import EncodedBatch, EncodedImage, FailureStage, ImageFailure
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg")
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 CountFn = Callable[[str, int], None]
+
+# What reading a damaged tar can raise: tarfile's own errors, and those of the decompressors that Beam's
+# FileSystems (CompressionTypes.AUTO) or tarfile put in front of a .gz/.bz2/.xz/.zst tar.
+_READ_ERRORS: Tuple[type, ...] = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
+try:
+    import zstandard
+
+    _READ_ERRORS += (zstandard.ZstdError,)
+except ImportError:  # zstd tars need it anyway
+    pass
 
 
 def _no_count(name: str, n: int) -> None:
@@ -110,7 +122,8 @@ def read_tar(
 
     Counts (through ``count(name, n)``): ``members_skipped`` (not a JPEG, not a file, or a sidecar not
     asked for), ``images_over_limit``, ``bytes_read``, ``tars_without_images`` (read to the end, no JPEG
-    member) and ``tars_corrupt`` (not a tar, cut off, or corrupt part-way: each also yields a failure).
+    member) and ``tars_corrupt`` (not a tar, cut off, corrupt part-way, or followed by data after its
+    end-of-archive blocks: each also yields one failure).
     A tar cut off or corrupt part-way yields all whole members before that point, then one failure.
     """
     extensions = frozenset(extensions)
@@ -139,14 +152,18 @@ def read_tar(
                 yield EncodedBatch(tar_path, batch)
                 batch = []
 
+    cut = False
+
     def cut_failure(error: str) -> ImageFailure:
+        nonlocal cut
+        cut = True
         count("tars_corrupt", 1)
         where = f"after member {last_member!r}" if last_member else "before its first member"
         return ImageFailure(tar_path, None, FailureStage.READ, f"tar is cut off or corrupt {where}: {error}")
 
     try:
         tf = tarfile.open(fileobj=reader, mode="r|*", tarinfo=_EndRecordingTarInfo)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except _READ_ERRORS as e:
         count("bytes_read", reader.bytes_read)
         count("tars_corrupt", 1)
         yield ImageFailure(tar_path, None, FailureStage.READ, f"not a readable tar: {type(e).__name__}: {e}")
@@ -154,12 +171,14 @@ def read_tar(
 
     try:
         members = iter(tf)
+        clean_end = False
         while True:
             try:
                 info = next(members)
             except StopIteration:
+                clean_end = True
                 break
-            except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            except _READ_ERRORS as e:
                 if pending is not None:
                     yield from flush_sample(pending)
                     pending = None
@@ -190,7 +209,7 @@ def read_tar(
                 continue
             try:
                 data = tf.extractfile(info).read()
-            except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            except _READ_ERRORS as e:
                 if pending is not None:
                     yield from flush_sample(pending)
                     pending = None
@@ -211,20 +230,48 @@ def read_tar(
             yield from flush_sample(pending)
             pending = None
         end = getattr(tf, "_tarimg_end", None)
-        if end is not None and not isinstance(end, tarfile.EOFHeaderError):
+        if clean_end and end is not None and not isinstance(end, tarfile.EOFHeaderError):
             yield cut_failure(f"no end-of-archive blocks ({type(end).__name__}: {end})")
+        elif clean_end:
+            trailing = _trailing_data(tf.fileobj)
+            if trailing:
+                yield cut_failure(trailing)
     finally:
         count("bytes_read", reader.bytes_read)
     if batch:
         yield EncodedBatch(tar_path, batch)
-    if images_seen == 0:
+    if images_seen == 0 and not cut:
         count("tars_without_images", 1)
+
+
+def _trailing_data(stream) -> Optional[str]:
+    """After the end-of-archive block: None when only zero padding follows, else what is wrong.
+
+    tarfile stops at the first zero block, so the members of a second tar appended to the first (``cat a.tar
+    b.tar``) would otherwise vanish without a trace.
+    """
+    extra = 0
+    try:
+        while True:
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                return None
+            zeros = len(chunk) - len(chunk.lstrip(b"\0"))
+            if zeros != len(chunk):
+                return (f"data after the end-of-archive blocks, {extra + zeros} bytes after them (a second tar "
+                        f"appended?); nothing past them was read")
+            extra += len(chunk)
+    except _READ_ERRORS as e:
+        return f"after the end-of-archive blocks: {type(e).__name__}: {e}"
 
 
 def _check_limits(tar_path, member, data, max_pixels, max_member_bytes) -> Optional[ImageFailure]:
     if not data:
         return ImageFailure(tar_path, member, FailureStage.DECODE, "empty member (0 bytes)")
-    dims = image_dimensions(data)
+    try:
+        dims = image_dimensions(data)
+    except OverLimitError as e:
+        return ImageFailure(tar_path, member, FailureStage.LIMIT, str(e))
     if dims is not None and dims[0] * dims[1] > max_pixels:
         return ImageFailure(
             tar_path, member, FailureStage.LIMIT,

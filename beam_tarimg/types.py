@@ -116,10 +116,10 @@ class FailureStage:
     """Where an input was lost. The values are the ``stage`` of an ``ImageFailure``."""
 
     OPEN = "open"  # the tar could not be opened (missing, unreadable, a directory)
-    READ = "read"  # the tar is cut off or corrupt; every whole member before that point was still read
-    LIMIT = "limit"  # a member is over max_pixels or max_member_bytes; it was never decoded
+    READ = "read"  # not a tar, cut off, corrupt, or data after its end; every whole member before was read
+    LIMIT = "limit"  # over max_pixels (or Pillow's own bomb limit) or max_member_bytes; never decoded
     DECODE = "decode"  # neither DALI nor the Pillow fallback could decode the member
-    METADATA = "metadata"  # a sidecar could not be parsed; the image itself was still emitted
+    METADATA = "metadata"  # a sidecar could not be parsed; its image, if any, was still emitted without it
 
     ALL = (OPEN, READ, LIMIT, DECODE, METADATA)
 

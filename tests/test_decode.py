@@ -154,3 +154,27 @@ def test_jpeg_dimensions__none_for_non_jpeg_and_pillow_reads_other_formats():
     assert image_dimensions(buf.getvalue()) == (7, 5)
     assert image_dimensions(b"nothing") is None
     assert jpeg_dimensions(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame header
+
+
+def test_decoder__a_broken_pipeline_is_freed_before_the_next_is_built():
+    import gc
+    import weakref
+
+    built = []
+    alive_at_build = []
+
+    class Recording(ImageDecoder):
+        def _build(self):
+            gc.collect()
+            alive_at_build.append(sum(1 for ref in built if ref() is not None))
+            pipe = super()._build()
+            built.append(weakref.ref(pipe))
+            return pipe
+
+    decoder = Recording(max_batch_size=16, num_threads=2, device="cpu", fallback=False)
+    blobs = [make_jpeg(i) for i in range(16)]
+    blobs[11] = _truncated_after_header(11)
+    outcomes = decoder.decode(blobs)
+    assert [o.pixels is None for o in outcomes].count(True) == 1
+    assert decoder.builds > 2  # the halving rebuilt several times
+    assert max(alive_at_build) == 0, alive_at_build

@@ -402,3 +402,19 @@ def test_reader__unvalidated_pattern_that_matches_nothing_fails_at_the_start_of_
     pattern = str(tmp_path / "nothing-*.tar")
     with pytest.raises(Exception, match="nothing-"):
         read_tars(pattern, validate=False)
+
+
+def test_reader__corrupt_compressed_tar_is_a_read_failure_and_others_go_on(tmp_path, read_tars):
+    import gzip
+
+    good = write_tar(tmp_path / "good.tar", [("1.jpg", make_jpeg(1))])
+    plain = write_tar(tmp_path / "inner.tar", [(f"{i}.jpg", make_jpeg(i, 64, 64)) for i in range(6)])
+    packed = bytearray(gzip.compress(open(plain, "rb").read()))
+    packed[len(packed) // 2 : len(packed) // 2 + 64] = b"\x55" * 64  # damage the deflate stream
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(packed))
+    os.remove(plain)
+    result = read_tars([good, str(bad)])
+    assert [i.image_path for i in result.images if i.image_path.startswith("good.tar")] == ["good.tar/1.jpg"]
+    failures = [f for f in result.failures if f.tar_path == str(bad)]
+    assert len(failures) == 1 and failures[0].stage == FailureStage.READ

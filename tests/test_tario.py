@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 
 import pytest
 
@@ -118,3 +119,37 @@ def test_normalize_extensions__accepts_commas_dots_and_case():
     assert normalize_extensions([".JFIF"]) == ("jfif",)
     with pytest.raises(ValueError, match="extensions"):
         normalize_extensions(" , ")
+
+
+def test_read_tar__tar_cut_right_after_a_long_name_header_is_one_failure(tmp_path):
+    long_name = "d" * 150 + "/000000001.jpg"
+    path = write_tar(tmp_path / "l.tar", [("000000000.jpg", make_jpeg(0)), (long_name, make_jpeg(1))],
+                     format=tarfile.GNU_FORMAT)
+    raw = open(path, "rb").read()
+    second = raw.index(b"././@LongLink")  # the GNU long-name header before the second member
+    seen, count = _counts()
+    events = list(read_tar(io.BytesIO(raw[: second + 1024]), path, batch_size=5, count=count))
+    failures = [e for e in events if isinstance(e, ImageFailure)]
+    assert len(failures) == 1 and failures[0].stage == FailureStage.READ
+    assert [i.member for e in events if isinstance(e, EncodedBatch) for i in e.images] == ["000000000.jpg"]
+    assert seen["tars_corrupt"] == 1
+
+
+def test_read_tar__a_second_tar_appended_after_the_end_blocks_is_reported(tmp_path):
+    first = write_tar(tmp_path / "a.tar", [("1.jpg", make_jpeg(1))])
+    second = write_tar(tmp_path / "b.tar", [("2.jpg", make_jpeg(2))])
+    raw = open(first, "rb").read() + open(second, "rb").read()
+    events = list(read_tar(io.BytesIO(raw), "ab.tar", batch_size=5))
+    assert [i.member for e in events if isinstance(e, EncodedBatch) for i in e.images] == ["1.jpg"]
+    failures = [e for e in events if isinstance(e, ImageFailure)]
+    assert len(failures) == 1 and "data after the end-of-archive blocks" in failures[0].error
+
+
+def test_read_tar__png_over_pillows_own_bomb_limit_is_a_limit_failure(tmp_path):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, "PNG")  # 4e8 pixels: over 2 x Pillow's MAX_IMAGE_PIXELS
+    path = write_tar(tmp_path / "bomb.tar", [("bomb.jpg", buf.getvalue())])
+    events = list(read_tar(open(path, "rb"), path, batch_size=5, max_pixels=10**12))
+    assert [(e.member, e.stage) for e in events] == [("bomb.jpg", FailureStage.LIMIT)]
