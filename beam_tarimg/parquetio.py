@@ -211,17 +211,12 @@ class WriteImagesToParquet(beam.PTransform):
         jpeg_quality: int = 95,
     ):
         super().__init__()
-        if not isinstance(file_path_prefix, str) or not file_path_prefix:
-            raise ValueError(f"file_path_prefix must be a non-empty string, got {file_path_prefix!r}")
-        if not isinstance(file_name_suffix, str):
-            raise ValueError(f"file_name_suffix must be a string, got {file_name_suffix!r}")
-        schema.check_int("num_shards", num_shards, 0)
+        schema.check_sink_args(file_path_prefix, file_name_suffix, num_shards, image_format, jpeg_quality)
         schema.check_int("row_group_bytes", row_group_bytes, 1)
         if row_group_bytes > MAX_ROW_GROUP_BYTES:
             raise ValueError(f"row_group_bytes must be at most {MAX_ROW_GROUP_BYTES}, got {row_group_bytes!r}")
         if not isinstance(codec, str) or codec.lower() not in PARQUET_CODECS:
             raise ValueError(f"codec must be one of {PARQUET_CODECS}, got {codec!r}")
-        schema.check_image_format(image_format, jpeg_quality)
         self._prefix = file_path_prefix
         self._suffix = file_name_suffix
         self._num_shards = num_shards

@@ -51,6 +51,16 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_sink_args(file_path_prefix, file_name_suffix, num_shards, image_format, jpeg_quality) -> None:
+    """The checks both file sinks make; raises ValueError naming the bad value."""
+    if not isinstance(file_path_prefix, str) or not file_path_prefix:
+        raise ValueError(f"file_path_prefix must be a non-empty string, got {file_path_prefix!r}")
+    if not isinstance(file_name_suffix, str):
+        raise ValueError(f"file_name_suffix must be a string, got {file_name_suffix!r}")
+    check_int("num_shards", num_shards, 0)
+    check_image_format(image_format, jpeg_quality)
+
+
 def check_image_format(image_format, jpeg_quality) -> None:
     """Raises ValueError naming the bad value."""
     if image_format not in IMAGE_FORMATS:

@@ -209,14 +209,9 @@ class WriteImagesToTFRecord(beam.PTransform):
         jpeg_quality: int = 95,
     ):
         super().__init__()
-        if not isinstance(file_path_prefix, str) or not file_path_prefix:
-            raise ValueError(f"file_path_prefix must be a non-empty string, got {file_path_prefix!r}")
-        if not isinstance(file_name_suffix, str):
-            raise ValueError(f"file_name_suffix must be a string, got {file_name_suffix!r}")
-        schema.check_int("num_shards", num_shards, 0)
+        schema.check_sink_args(file_path_prefix, file_name_suffix, num_shards, image_format, jpeg_quality)
         if compression_type not in COMPRESSION_TYPES:
             raise ValueError(f"compression_type must be one of {COMPRESSION_TYPES}, got {compression_type!r}")
-        schema.check_image_format(image_format, jpeg_quality)
         example_pb2()  # fail while the pipeline is built, not on the workers
         self._prefix = file_path_prefix
         self._suffix = file_name_suffix

@@ -39,8 +39,9 @@ REDISTRIBUTE = ("auto", "encoded", "decoded", "none")
 
 # Runners that keep a shuffle's whole input in memory: "auto" shuffles nothing that grows with the data there.
 _LOCAL_RUNNERS = frozenset(
-    {"DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner", "PrismRunner",
-     "TestDirectRunner", "InteractiveRunner"}
+    name.lower()
+    for name in ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner", "PrismRunner",
+                 "TestDirectRunner", "InteractiveRunner")
 )
 
 
@@ -225,9 +226,14 @@ class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
                 yield event
 
 
+def is_local_runner(runner_name: str) -> bool:
+    """Whether a runner (by class name, any case) runs in this process tree and keeps shuffles in memory."""
+    return runner_name.lower() in _LOCAL_RUNNERS
+
+
 def _is_local_runner(pipeline: beam.Pipeline) -> bool:
     runner = getattr(pipeline, "runner", None)
-    return runner is None or type(runner).__name__ in _LOCAL_RUNNERS
+    return runner is None or is_local_runner(type(runner).__name__)
 
 
 class ReadAllImagesFromTars(beam.PTransform):

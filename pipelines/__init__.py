@@ -36,10 +36,15 @@ from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from beam_tarimg.decode import cuda_device_count  # noqa: E402
-from beam_tarimg.transforms import NAMESPACE, ReadImagesFromTars, match_tars, tar_pattern  # noqa: E402
+from beam_tarimg.transforms import (  # noqa: E402
+    NAMESPACE,
+    ReadImagesFromTars,
+    is_local_runner,
+    match_tars,
+    tar_pattern,
+)
 from beam_tarimg.types import ImageFailure  # noqa: E402
 from pipelines.options import (  # noqa: E402
-    LOCAL_RUNNERS,
     UsageError,
     check_writable,
     parse_args,
@@ -86,7 +91,7 @@ def run_pipeline(
     if make_sink is not None and not args.output:
         raise UsageError("--output is required: the path prefix of the output files")
     runner = runner_name(beam_args)
-    if args.device == "gpu" and runner.lower() in LOCAL_RUNNERS and cuda_device_count() == 0:
+    if args.device == "gpu" and is_local_runner(runner) and cuda_device_count() == 0:
         raise UsageError("--device gpu: no CUDA device is visible on this machine; use --device auto or cpu")
     pattern = tar_pattern(args.input)
     try:

@@ -23,7 +23,6 @@ from beam_tarimg.schema import IMAGE_FORMATS
 from beam_tarimg.tario import DEFAULT_EXTENSIONS, normalize_extensions
 
 DEFAULT_RUNNER = "FnApiRunner"
-LOCAL_RUNNERS = ("fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner")  # lower case
 
 _BEAM_FLAGS_EPILOG = (
     "Every other flag is a standard Beam pipeline option and is passed through to Beam, e.g. --runner "
