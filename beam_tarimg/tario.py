@@ -36,7 +36,8 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 1 << 20  # one PAX extended header, or one GNU long name / long link
 MAX_GLOBAL_HEADER_BYTES = 64 << 10  # all PAX global headers of one tar together
 MAX_CHAINED_HEADERS = 8  # PAX / GNU long-name headers in a row before one member (tarfile recurses per header)
-# Reads tarfile may make after the data has ended before the tar is cut short: a proper end needs at most 3.
+# Reads tarfile may make after the data has ended before the tar is cut short: a proper or cut end of a plain,
+# gz, bz2, xz or zstd tar takes at most 2 (the trailing-data check, which stops by itself, runs unguarded).
 _READS_PAST_END = 8
 
 CountFn = Callable[[str, int], None]
@@ -179,7 +180,8 @@ class _GuardedTarInfo(tarfile.TarInfo):
     ``_proc_member`` (tarfile's hook for subclasses) replaces what tarfile does with a hostile header:
     PAX headers and GNU long names over ``MAX_HEADER_BYTES`` (tarfile reads any claimed size into memory),
     PAX global headers over ``MAX_GLOBAL_HEADER_BYTES`` in all or setting ``size`` or sparse fields for every
-    member, more than ``MAX_CHAINED_HEADERS`` extension headers in a row (tarfile recurses once per header),
+    member (of their other keys only tarfile's own fields are kept: tarfile copies them into every member),
+    more than ``MAX_CHAINED_HEADERS`` extension headers in a row (tarfile recurses once per header),
     malformed PAX records or a non-decimal PAX ``size`` (tarfile takes it as 0 and reads the member's data as
     the next header), negative sizes: each raises ``_BadHeader``. Sparse members (old GNU, and GNU 0.0, 0.1,
     1.0 in PAX) are marked ``_tarimg_sparse`` and their data skipped; their maps are never parsed.
@@ -251,6 +253,8 @@ class _GuardedTarInfo(tarfile.TarInfo):
         pax_headers = tf.pax_headers if is_global else tf.pax_headers.copy()
         for keyword, value in records:
             key = _decode_field(keyword, "utf-8", "utf-8", tf.errors)
+            if is_global and key not in tarfile.PAX_FIELDS and not key.startswith("GNU.sparse."):
+                continue  # tarfile copies global keys into every member: only the fields it applies are kept
             if key in tarfile.PAX_NAME_FIELDS:
                 pax_headers[key] = _decode_field(value, name_encoding, tf.encoding, tf.errors)
             else:
@@ -288,8 +292,8 @@ class _CountingReader:
 
     tarfile's stream mode skips the data of a member it does not read in 10 KiB reads (``_Stream.seek``),
     never checking that data still comes: a header claiming 2**62 bytes makes it read b"" about 4.5e14 times.
-    Once a read has returned b"" (the end of the data), ``_READS_PAST_END`` more reads are allowed (a proper
-    end takes at most 3); the next raises ``_DataEnded``. ``guard = False`` turns that off.
+    Reads that return b"" (the end of the data) are counted; past ``_READS_PAST_END`` of them the next raises
+    ``_DataEnded``. ``guard = False`` turns that off.
     """
 
     def __init__(self, raw):
@@ -380,10 +384,11 @@ def read_tar(
     failure, at once: a member or header whose size runs past the end of the data (tarfile alone would skip
     forward for ever), a header over its limit (``MAX_HEADER_BYTES``, ``MAX_GLOBAL_HEADER_BYTES``,
     ``MAX_CHAINED_HEADERS``), a malformed PAX record, a negative or non-numeric size, a bad checksum. Time per
-    member is linear in the bytes the stream gives for its headers and data (plus at most 8 reads past the
-    end of the data), and in the global headers' size (at most 64 KiB); memory is one member read
-    (``max_member_bytes``, JPEGs and sidecars only), at most ``MAX_CHAINED_HEADERS`` headers of at most 1 MiB,
-    and the names of the tar's JPEG members. For compressed tars, bytes means decompressed bytes.
+    member is linear in the bytes the stream gives for its headers and data, plus at most 8 reads past the
+    end of the data (so a whole tar is linear in its bytes; for compressed tars, in its decompressed bytes,
+    which a gzip bomb can make ~1000x the file). Memory: one member read (up to ``max_member_bytes``, JPEGs
+    and sidecars only), at most ``MAX_CHAINED_HEADERS`` headers of at most 1 MiB each, 64 KiB of global
+    headers, and the names of the tar's JPEG members.
 
     Member names are escaped with ``escape_member_name`` wherever they come out: ``EncodedImage.member`` and
     ``image_id``, failure records' ``member``, error messages.
@@ -451,10 +456,11 @@ def read_tar(
         return
 
     try:
+        members = iter(tf)
         clean_end = False
         while True:
             try:
-                info = tf.next()
+                info = next(members, None)
             except _READ_ERRORS as e:
                 if pending is not None:
                     yield from flush_sample(pending)
@@ -469,7 +475,7 @@ def read_tar(
             if info is None:
                 clean_end = True
                 break
-            del tf.members[:]  # tarfile keeps every header it read; in a stream nothing looks back at them
+            del tf.members[:]  # tarfile keeps every header it read (its iterator copes); nothing looks back
             last_seen = info
             name = escape_member_name(info.name)
             key, ext = split_member_name(name)
