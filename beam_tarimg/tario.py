@@ -327,9 +327,9 @@ class _Sample:
 
 
 def tar_display_name(tar_path: str) -> str:
-    """The tar's file name, the first part of every ``image_path``, escaped like member names
-    (``escape_member_name``): a file name that is not UTF-8 is written as text like any other."""
-    return escape_member_name(posixpath.basename(tar_path.rstrip("/")) or tar_path)
+    """The tar's file name, the first part of every ``image_path``, from a record's ``tar_path`` (which
+    ``read_tar`` has already escaped: escaping commutes with taking the base name)."""
+    return posixpath.basename(tar_path.rstrip("/")) or tar_path
 
 
 def _not_a_file(info: tarfile.TarInfo, jpegs_read: set) -> Optional[str]:
@@ -391,8 +391,10 @@ def read_tar(
     headers, and the names of the tar's JPEG members.
 
     Member names are escaped with ``escape_member_name`` wherever they come out: ``EncodedImage.member`` and
-    ``image_id``, failure records' ``member``, error messages.
+    ``image_id``, failure records' ``member``, error messages; so is ``tar_path`` in every record (a local
+    file name that is not UTF-8 comes from the filesystem with surrogate escapes too).
     """
+    tar_path = escape_member_name(tar_path)
     extensions = frozenset(extensions)
     reader = _CountingReader(fileobj)
     batch: List[EncodedImage] = []

@@ -655,6 +655,10 @@ def test_read_tar__failure_records_and_sidecars_carry_escaped_names():
         f.error.encode("utf-8")
 
 
-def test_tar_display_name__escapes_a_tar_file_name_that_is_not_utf8():
-    assert tar_display_name("/data/shards/caf\udce9.tar") == "caf\\xe9.tar"
-    assert tar_display_name("gs://bucket/00000.tar") == "00000.tar"
+def test_read_tar__records_carry_a_tar_path_that_is_not_utf8_escaped():
+    good = _tar_bytes([("a.jpg", JPEG_A), _special("l.jpg", tarfile.SYMTYPE, "a.jpg")])
+    events = list(read_tar(io.BytesIO(good), "/data/caf\udce9\\x.tar", batch_size=5))
+    assert {e.tar_path for e in events} == {"/data/caf\\xe9\\\\x.tar"}  # a batch and a failure
+    assert tar_display_name(events[0].tar_path) == "caf\\xe9\\\\x.tar"
+    [failure] = read_tar(io.BytesIO(b"not a tar" * 100), "caf\udce9.tar", batch_size=5)
+    assert failure.tar_path == "caf\\xe9.tar"
