@@ -29,7 +29,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, has_complete_header, image_dimensions, jpeg_dimensions
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, dali_rejects, image_dimensions, jpeg_dimensions
 
 _LOG = logging.getLogger(__name__)
 
@@ -338,10 +338,11 @@ class DaliDecoder:
         outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
         for_dali = []
         for i, blob in enumerate(encoded):
-            if has_complete_header(blob):
+            reason = dali_rejects(blob)
+            if reason is None:
                 for_dali.append(i)
-            else:  # never fed to DALI, which can crash on such bytes (see jpeg.has_complete_header)
-                outcomes[i] = DecodeOutcome(None, None, "not a complete JPEG (no whole frame and scan header)")
+            else:  # never fed to DALI, which can crash on such bytes (see jpeg.dali_rejects): Pillow's
+                outcomes[i] = DecodeOutcome(None, None, f"not for DALI: {reason}")
         with self._lock:
             arrays = {i: np.frombuffer(encoded[i], dtype=np.uint8) for i in for_dali}
             for start in range(0, len(for_dali), self.max_batch_size):

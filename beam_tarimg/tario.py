@@ -24,7 +24,7 @@ import tarfile
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, OverLimitError, image_dimensions
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS, OverLimitError, image_dimensions, parse_jpeg
 from beam_tarimg.types import EncodedBatch, EncodedImage, FailureStage, ImageFailure
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg")
@@ -363,6 +363,7 @@ def read_tar(
     include_metadata: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_scans: int = DEFAULT_MAX_SCANS,
     count: CountFn = _no_count,
 ) -> Iterator[Union[EncodedBatch, ImageFailure]]:
     """Yields ``EncodedBatch``es of up to ``batch_size`` JPEGs, in tar order, and ``ImageFailure``s inline.
@@ -414,7 +415,7 @@ def read_tar(
             yield ImageFailure(tar_path, member, FailureStage.METADATA, error)
         for member, data in sample.images:
             images_seen += 1
-            failure = _check_limits(tar_path, member, data, max_pixels, max_member_bytes)
+            failure = _check_limits(tar_path, member, data, max_pixels, max_scans)
             if failure is not None:
                 if failure.stage == FailureStage.LIMIT:
                     count("images_over_limit", 1)
@@ -569,11 +570,14 @@ def _trailing_data(stream) -> Optional[str]:
         return f"after the end-of-archive blocks: {type(e).__name__}: {e}"
 
 
-def _check_limits(tar_path, member, data, max_pixels, max_member_bytes) -> Optional[ImageFailure]:
+def _check_limits(tar_path, member, data, max_pixels, max_scans) -> Optional[ImageFailure]:
+    """The limits checked before decoding, from one walk over the JPEG's markers: pixels claimed, more than
+    ``max_scans`` scans, more pixels claimed than the bytes can code (``jpeg.implausible``)."""
     if not data:
         return ImageFailure(tar_path, member, FailureStage.DECODE, "empty member (0 bytes)")
+    header = parse_jpeg(data, max_scans)
     try:
-        dims = image_dimensions(data)
+        dims = image_dimensions(data, header)
     except OverLimitError as e:
         return ImageFailure(tar_path, member, FailureStage.LIMIT, str(e))
     if dims is not None and dims[0] * dims[1] > max_pixels:
@@ -581,6 +585,9 @@ def _check_limits(tar_path, member, data, max_pixels, max_member_bytes) -> Optio
             tar_path, member, FailureStage.LIMIT,
             f"header claims {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels, over max_pixels={max_pixels}",
         )
+    reason = header.implausible() if header is not None else None
+    if reason is not None:
+        return ImageFailure(tar_path, member, FailureStage.LIMIT, reason)
     return None
 
 

@@ -20,7 +20,7 @@ from apache_beam.utils import shared
 
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
 from beam_tarimg.decode import DEFAULT_MAX_RUN_BYTES, DEFAULT_RUN_TIMEOUT_S, DEVICES, ISOLATION, ImageDecoder
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS
 from beam_tarimg.schema import check_int
 from beam_tarimg.tario import (
     DEFAULT_EXTENSIONS,
@@ -53,6 +53,7 @@ class _ReadConfig:
     include_metadata: bool
     max_pixels: int
     max_member_bytes: int
+    max_scans: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,7 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
             include_metadata=config.include_metadata,
             max_pixels=config.max_pixels,
             max_member_bytes=config.max_member_bytes,
+            max_scans=config.max_scans,
             count=counters.count,
         ):
             if isinstance(event, ImageFailure):
@@ -278,6 +280,7 @@ class ReadAllImagesFromTars(beam.PTransform):
         hw_decoder_load: float = 0.9,
         accelerator: Optional[str] = None,
         max_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
+        max_scans: int = DEFAULT_MAX_SCANS,
         isolation: str = "process",
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
     ):
@@ -295,6 +298,7 @@ class ReadAllImagesFromTars(beam.PTransform):
         if not isinstance(hw_decoder_load, (int, float)) or not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
         check_int("max_run_bytes", max_run_bytes, 1)
+        check_int("max_scans", max_scans, 1)
         if isolation not in ISOLATION:
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
         if isinstance(run_timeout_s, bool) or not isinstance(run_timeout_s, (int, float)) or not run_timeout_s > 0:
@@ -305,6 +309,7 @@ class ReadAllImagesFromTars(beam.PTransform):
             include_metadata=bool(include_metadata),
             max_pixels=max_pixels,
             max_member_bytes=max_member_bytes,
+            max_scans=max_scans,
         )
         self._decode_config = _DecodeConfig(
             batch_size=batch_size,
@@ -398,6 +403,8 @@ class ReadImagesFromTars(beam.PTransform):
       max_pixels: images whose header claims more pixels are failures, never decoded (Pillow's
         decompression-bomb threshold by default).
       max_member_bytes: members larger than this are failures, never read.
+      max_scans: a JPEG with more scans than this (a progressive JPEG's decode time grows with them) is a
+        ``limit`` failure, never decoded; so is one whose header claims more pixels than its bytes can code.
       fallback: decode images that DALI rejects with Pillow instead of failing them.
       hw_decoder_load: share of GPU decoding given to the hardware JPEG decoder.
       max_run_bytes: the most decoded bytes one decode run may hold, from the sizes the JPEG headers claim

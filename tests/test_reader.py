@@ -225,7 +225,7 @@ def test_reader__undecodable_jpegs_are_failures_naming_tar_and_member(mixed_run)
                            ("00000.tar", "bad_empty.jpg"), ("00000.tar", "crasher.jpg")}
     assert "0 bytes" in decode[("00000.tar", "bad_empty.jpg")].error
     # Random bytes never reach DALI; a JPEG cut in its scan data does, and DALI's and Pillow's errors are kept.
-    assert decode[("00000.tar", "bad_garbage.jpg")].error.startswith("not a complete JPEG")
+    assert decode[("00000.tar", "bad_garbage.jpg")].error.startswith("not for DALI: ")
     assert decode[("00000.tar", "crasher.jpg")].error == "decoder process crashed (SIGSEGV)"
     assert "Pillow" in decode[("00000.tar", "bad_garbage.jpg")].error
     assert decode[("00000.tar", "bad_truncated.jpg")].error.startswith("DALI")
@@ -481,3 +481,31 @@ def test_reader__corrupt_compressed_tar_is_a_read_failure_and_others_go_on(tmp_p
     assert [i.image_path for i in result.images if i.image_path.startswith("good.tar")] == ["good.tar/1.jpg"]
     failures = [f for f in result.failures if f.tar_path == str(bad)]
     assert len(failures) == 1 and failures[0].stage == FailureStage.READ
+
+
+def _tiny_bomb(seed: int) -> bytes:
+    """A ~0.6 KB grayscale JPEG whose frame header claims 9400x9400 (under max_pixels): 265 MB if decoded."""
+    return _claiming_size(make_jpeg(seed, 16, 16, grayscale=True, quality=75), 9400, 9400)
+
+
+def test_reader__tiny_files_claiming_huge_frames_are_limit_failures_never_decoded(tmp_path, read_tars):
+    bombs = [(f"{i:04d}.jpg", _tiny_bomb(i)) for i in range(100)]
+    assert all(len(data) < 1000 for _, data in bombs)
+    write_tar(tmp_path / "bombs.tar", bombs + [("good.jpg", make_jpeg(7))])
+    result = read_tars(str(tmp_path), batch_size=16)
+    assert [i.image_path for i in result.images] == ["bombs.tar/good.jpg"]
+    assert sorted(f.member for f in result.failures) == [name for name, _ in bombs]
+    assert all(f.stage == FailureStage.LIMIT and "claims 9400x9400" in f.error for f in result.failures)
+    assert result.counters["images_over_limit"] == 100
+
+
+def test_reader__progressive_jpeg_with_more_scans_than_max_scans_is_a_limit_failure(tmp_path, read_tars):
+    jpeg = make_jpeg(3, 64, 48, progressive=True)
+    start = jpeg.index(b"\xff\xda")
+    end = jpeg.index(b"\xff\xda", start + 2)  # the first scan, header and data
+    many = jpeg[:end] + jpeg[start:end] * 40 + jpeg[end:]
+    write_tar(tmp_path / "scans.tar", [("many.jpg", many), ("fine.jpg", jpeg)])
+    result = read_tars(str(tmp_path), batch_size=4, max_scans=20)
+    assert [i.image_path for i in result.images] == ["scans.tar/fine.jpg"]
+    (failure,) = result.failures
+    assert failure.member == "many.jpg" and failure.stage == FailureStage.LIMIT and "max_scans=20" in failure.error
