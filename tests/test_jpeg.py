@@ -69,6 +69,7 @@ BASE = make_jpeg(1, 64, 48)  # baseline 4:2:0, 3 components
 SOF = _segment(BASE, 0xC0)[0]
 SOS = _segment(BASE, 0xDA)[0]
 PROGRESSIVE = make_jpeg(2, 64, 48, progressive=True)
+GRAY = make_jpeg(6, grayscale=True)
 
 
 ORDINARY = {
@@ -192,11 +193,14 @@ DEFECTS = {
     "sampling factor 5": (_sampling(1, 0x51), "sampling factors 5x1"),
     "luma sampling 3x2": (_sampling(0, 0x32), "sampling factors 3x2, 1x1, 1x1 are not a usual subsampling"),
     "chroma 2x2 against luma 1x1": (lambda: _set(_sampling(0, 0x11)(), SOF + 14, 0x22), "1x1, 2x2, 1x1 are not"),
-    "grayscale with sampling 2x2": (lambda: _set(make_jpeg(6, grayscale=True), _segment(make_jpeg(6, grayscale=True), 0xC0)[0] + 11, 0x22), "sampling factors 2x2 are not"),
+    "grayscale with sampling 2x2": (
+        lambda: _set(GRAY, _segment(GRAY, 0xC0)[0] + 11, 0x22),
+        "sampling factors 2x2 are not",
+    ),
     "undefined quantization table id": (lambda: _set(BASE, SOF + 12, 2), "quantization table 2, never defined"),
     "lossless SOF3": (lambda: _set(BASE, SOF + 1, 0xC3), "SOF3 (lossless frame) is not for DALI"),
     "hierarchical SOF5": (lambda: _set(BASE, SOF + 1, 0xC5), "SOF5 (hierarchical frame)"),
-    "a second SOF": (lambda: BASE[:SOS] + BASE[SOF : _segment(BASE, 0xC0)[1]] + BASE[SOS:], "a second frame header"),
+    "a second SOF": (lambda: _insert_before_scan(BASE[SOF : _segment(BASE, 0xC0)[1]])(), "a second frame header"),
     "scan component not in frame": (lambda: _set(BASE, SOS + 5, 9), "scan component 9 is not in the frame"),
     "scan components out of order": (lambda: _set(_set(BASE, SOS + 5, 2), SOS + 7, 1), "out of frame order"),
     "scan header length mismatch": (lambda: _set(BASE, SOS + 4, 2), "scan header of 12 bytes with 2 components"),
@@ -227,7 +231,10 @@ DEFECTS = {
         lambda: _in_entropy_data(BASE, BASE[SOF : _segment(BASE, 0xC0)[1]]),
         "a second frame header",
     ),
-    "a restart marker without a restart interval": (lambda: _in_entropy_data(BASE, b"\xff\xd0"), "without a restart interval"),
+    "a restart marker without a restart interval": (
+        lambda: _in_entropy_data(BASE, b"\xff\xd0"),
+        "without a restart interval",
+    ),
     "restart markers out of order": (_restart_out_of_order, "where RST1 was due"),
     "a deleted scan (4:2:0 in three scans)": (lambda: _missing_sequential_scan(), "never scanned"),
     "a repeated progressive scan": (lambda: _repeated_progressive_scan(3, 1), "progression"),
@@ -252,11 +259,13 @@ def _without_all(jpeg: bytes, marker: int) -> bytes:
 def _dqt_length_off() -> bytes:
     s, _ = _segment(BASE, 0xDB)
     length = int.from_bytes(BASE[s + 2 : s + 4], "big")
-    return BASE[: s + 2] + (length + 1).to_bytes(2, "big") + BASE[s + 4 : s + 2 + length] + b"\0" + BASE[s + 2 + length :]
+    longer = (length + 1).to_bytes(2, "big")
+    return BASE[: s + 2] + longer + BASE[s + 4 : s + 2 + length] + b"\0" + BASE[s + 2 + length :]
 
 
 def _missing_sequential_scan() -> bytes:
-    # Three non-interleaved scans, one per component (jpegtran's style), then the last one deleted.
+    # The interleaved scan's header rewritten to name component 1 alone: components 2 and 3 are never scanned,
+    # as in a file of one scan per component whose last two scans were deleted.
     scans = _scans(BASE)
     s, e = scans[0]
     head = BASE[s : s + 2 + int.from_bytes(BASE[s + 2 : s + 4], "big")]
@@ -385,7 +394,8 @@ def _synthetic_progressive(script) -> bytes:
         i = PROGRESSIVE.find(b"\xff\xc4", i + 2)
     out = PROGRESSIVE[:first] + tables
     for ids, ss, se, ah, al in script:
-        body = bytes([len(ids)]) + b"".join(bytes([c, 0x00 if c == 1 else 0x11]) for c in ids) + bytes([ss, se, ah << 4 | al])
+        tables = b"".join(bytes([c, 0x00 if c == 1 else 0x11]) for c in ids)
+        body = bytes([len(ids)]) + tables + bytes([ss, se, ah << 4 | al])
         out += b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + b"\x2a" * 16
     return out + b"\xff\xd9"
 
