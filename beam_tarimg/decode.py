@@ -29,7 +29,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, dali_rejects, image_dimensions, jpeg_dimensions
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, JpegHeader, image_dimensions, parse_jpeg
 
 _LOG = logging.getLogger(__name__)
 
@@ -84,13 +84,19 @@ class DecodeOutcome(NamedTuple):
     error: Optional[str]
 
 
-def claimed_bytes(data: bytes) -> int:
-    """The bytes of RGB pixels the image's header claims (0 when no header says): what a decode will hold."""
+def claimed_bytes(data: bytes, header: Optional[JpegHeader] = None) -> int:
+    """The bytes of RGB pixels the image's header claims (0 when no header says): what a decode will hold.
+    ``header``: ``parse_jpeg(data)``, when the caller has it."""
     try:
-        dims = jpeg_dimensions(data) or image_dimensions(data)
+        dims = image_dimensions(data, header)
     except ValueError:  # over Pillow's own bomb limit: the decoders refuse it without decoding
         return 0
     return 0 if dims is None else dims[0] * dims[1] * 3
+
+
+def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
+    """``jpeg.dali_rejects`` from a parsed header (None: the bytes are no JPEG)."""
+    return "not a JPEG (no start-of-image marker)" if header is None else header.dali_rejects()
 
 
 def plan_runs(sizes: Sequence[int], max_images: int, max_bytes: int) -> List[List[int]]:
@@ -206,23 +212,27 @@ class ImageDecoder:
         """Decodes run by run, yielding ``(indices, outcomes)`` for each run as it is done, so that a caller
         can hand each run's images on before the next run is decoded (what bounds memory: see
         ``max_run_bytes``)."""
-        sizes = [claimed_bytes(blob) for blob in encoded]
+        # One walk over each image's markers gives both its size (for the plan) and what DALI must not see.
+        headers = [parse_jpeg(blob) for blob in encoded]
+        sizes = [claimed_bytes(blob, header) for blob, header in zip(encoded, headers)]
+        rejects = [dali_rejects(header) for header in headers]
+        del headers
         for run in plan_runs(sizes, self.max_batch_size, self._plan_bytes):
             with self._lock:
                 if self._process is None:
-                    run_outcomes = self._local.decode([encoded[i] for i in run])
+                    run_outcomes = self._local.decode([encoded[i] for i in run], [rejects[i] for i in run])
                 else:
                     run_outcomes = [None] * len(run)
-                    self._decode_contained(encoded, run, list(range(len(run))), run_outcomes)
+                    self._decode_contained(encoded, rejects, run, list(range(len(run))), run_outcomes)
             yield run, run_outcomes
 
-    def _decode_contained(self, encoded, run: List[int], positions: List[int], outcomes) -> None:
+    def _decode_contained(self, encoded, rejects, run: List[int], positions: List[int], outcomes) -> None:
         """Decodes ``run[p] for p in positions`` in the decoder process, into ``outcomes[p]``; when the process
         dies, decodes the halves again (each in a new process) until the culprit stands alone."""
         from beam_tarimg.decoder_process import DecoderCrashed
 
         try:
-            results = self._process.decode([encoded[run[p]] for p in positions])
+            results = self._process.decode([encoded[run[p]] for p in positions], [rejects[run[p]] for p in positions])
         except DecoderCrashed as crash:
             self.crashes += 1
             _LOG.warning("beam_tarimg: %s during a run of %d images; decoding them again in a new process",
@@ -231,8 +241,8 @@ class ImageDecoder:
                 outcomes[positions[0]] = DecodeOutcome(None, None, str(crash))
                 return
             half = len(positions) // 2
-            self._decode_contained(encoded, run, positions[:half], outcomes)
-            self._decode_contained(encoded, run, positions[half:], outcomes)
+            self._decode_contained(encoded, rejects, run, positions[:half], outcomes)
+            self._decode_contained(encoded, rejects, run, positions[half:], outcomes)
             return
         for p, outcome in zip(positions, results):
             outcomes[p] = outcome
@@ -333,12 +343,16 @@ class DaliDecoder:
         self._pipe = None  # let DALI free what the broken pipeline held before building the next
         self._pipe = self._build()
 
-    def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
-        """One outcome per input, in input order. Never raises for bad image bytes."""
+    def decode(self, encoded: Sequence[bytes], rejects: Optional[Sequence[Optional[str]]] = None) -> List[DecodeOutcome]:
+        """One outcome per input, in input order. Never raises for bad image bytes.
+
+        ``rejects``: ``dali_rejects`` of each input, when the caller has them (``ImageDecoder`` computes them
+        once, with the sizes it plans runs by); None to check here."""
         outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
+        if rejects is None:
+            rejects = [dali_rejects(parse_jpeg(blob)) for blob in encoded]
         for_dali = []
-        for i, blob in enumerate(encoded):
-            reason = dali_rejects(blob)
+        for i, reason in enumerate(rejects):
             if reason is None:
                 for_dali.append(i)
             else:  # never fed to DALI, which can crash on such bytes (see jpeg.dali_rejects): Pillow's

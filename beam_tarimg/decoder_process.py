@@ -9,8 +9,8 @@ Protocol, over a Unix socket pair (length-prefixed pickles; only small metadata 
 in them, never pixels):
 
 1. parent -> child: the ``DaliDecoder`` arguments; child -> parent: ``("ready", builds)`` or ``("error", text)``.
-2. parent -> child: ``("decode", [bytes, ...], [slot ids to unmap])``; the child decodes them with the same
-   ``DaliDecoder.decode`` that runs in-process and answers ``("decoded", [(shape|None, decoder, error)], builds)``.
+2. parent -> child: ``("decode", [bytes, ...], [dali_rejects reason or None, ...], [slot ids to unmap])``; the
+   child decodes them with the same ``DaliDecoder.decode`` that runs in-process and answers ``("decoded", [(shape|None, decoder, error)], builds)``.
 3. If any pixels came out, parent -> child: ``("write", slot id, slot size, is_new)`` (a new slot's memfd follows
    as SCM_RIGHTS ancillary data); the child copies the pixels, one after the other, into that shared-memory
    slot and answers ``("written",)``. This copy is the only one: the parent hands out views of the slot.
@@ -225,7 +225,8 @@ class DecoderProcess:
 
     # -- runs ---------------------------------------------------------------------------------------------------
 
-    def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
+    def decode(self, encoded: Sequence[bytes], rejects: Sequence[Optional[str]]) -> List[DecodeOutcome]:
+        """Decodes one run (``rejects``: ``DaliDecoder.decode``'s) in the decoder process."""
         if self._proc is None:
             self._start()
         sock = self._sock
@@ -233,7 +234,7 @@ class DecoderProcess:
         slot = None
         try:
             unmap, self._unmap = self._unmap, []
-            _send(sock, ("decode", [bytes(b) for b in encoded], unmap), deadline)
+            _send(sock, ("decode", [bytes(b) for b in encoded], list(rejects), unmap), deadline)
             self._mapped.difference_update(unmap)
             reply = _recv(sock, deadline)
             if reply[0] != "decoded":
@@ -380,14 +381,14 @@ def _child_main(fd: int) -> None:
             return
         if message[0] == "close":
             return
-        _, encoded, unmap = message
+        _, encoded, rejects, unmap = message
         for slot_id in unmap:
             mm = maps.pop(slot_id, None)
             if mm is not None:
                 mm.close()
         if crash_request is not None and any(crash_request[1] in blob for blob in encoded):
             os.kill(os.getpid(), crash_request[0])
-        outcomes = decoder.decode(encoded)
+        outcomes = decoder.decode(encoded, rejects)
         meta = [
             (None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None)
             for o in outcomes
