@@ -652,14 +652,14 @@ def print_report(r: Dict) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="same seed, same mutants (default 0)")
-    p.add_argument("--jpeg-mutants", type=int, default=2000, help="JPEG mutants (default 2000)")
-    p.add_argument("--tar-mutants", type=int, default=300, help="mutated tars, one mutation each (default 300)")
+    p.add_argument("--jpeg-mutants", type=int, default=6000, help="JPEG mutants (default 6000)")
+    p.add_argument("--tar-mutants", type=int, default=900, help="mutated tars, one mutation each (default 900)")
     p.add_argument("--batch-size", type=int, default=64, help="decode batch, core and job (default 64)")
     p.add_argument("--num-threads", type=int, default=2, help="DALI threads, core and job (default 2)")
     p.add_argument("--batches-per-process", type=int, default=8, help="decode-core batches per child (default 8)")
     p.add_argument("--members-per-tar", type=int, default=160, help="JPEG members per tar of mutants (160)")
-    p.add_argument("--jpeg-tars-per-job", type=int, default=6, help="tars of JPEG mutants per job run (6)")
-    p.add_argument("--tar-mutants-per-job", type=int, default=150, help="mutated tars per job run (150)")
+    p.add_argument("--jpeg-tars-per-job", type=int, default=12, help="tars of JPEG mutants per job run (12)")
+    p.add_argument("--tar-mutants-per-job", type=int, default=300, help="mutated tars per job run (300)")
     p.add_argument("--job-timeout", type=float, default=240.0, help="seconds before a job counts as hung (240)")
     p.add_argument("--core-timeout", type=float, default=240.0,
                    help="seconds before a decode-core child counts as hung (240)")
