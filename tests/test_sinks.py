@@ -463,6 +463,14 @@ def test_parquet_default_output__uses_hugging_face_image_storage_and_describes_e
         assert set(pq.read_table(path, columns=["image_format"]).column(0).to_pylist()) == {"original"}
 
 
+def test_parquet_image_bytes_are_not_dictionary_encoded_and_the_small_columns_are(written):
+    for name, column in (("parquet_original", "image.bytes"), ("parquet_raw", "image_data")):
+        meta = pq.ParquetFile(_glob(written["globs"][name])[0]).metadata.row_group(0)
+        encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+        assert "RLE_DICTIONARY" not in encodings[column], (name, encodings[column])
+        assert "RLE_DICTIONARY" in encodings["image_path"]
+
+
 def test_parquet_raw_output__keeps_the_earlier_columns_and_no_image_column(written):
     arrow = pq.read_schema(_glob(written["globs"]["parquet_raw"])[0])
     assert arrow.names == ["image_id", "image_path", "height", "width", "channels", "image_format", "image_data",
