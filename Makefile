@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SAMPLE := build/sample
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench --chart bench/chart.png
+
+fuzz: $(STAMP)
+	$(PY) -m bench.fuzz --seed 0 --json build/fuzz.json
 
 clean:
 	rm -rf build $(VENV)

@@ -1,9 +1,20 @@
-"""The decode core: a DALI pipeline, built once, that decodes batches of JPEG bytes, one bad image at a time.
+"""The decode core: DALI decodes batches of JPEG bytes, one bad image at a time, in a process it cannot kill.
 
 Beam-free on purpose (numpy, DALI and, for the fallback, Pillow): it runs on a machine that has only those.
-DALI fails a whole batch on one undecodable image and leaves the pipeline unusable, so ``ImageDecoder``
-rebuilds it and splits the batch until the bad images are isolated; each is then offered to Pillow, and only
-an image that Pillow cannot decode either is reported as failed.
+
+Two layers:
+
+* ``DaliDecoder`` is one DALI pipeline, built once, in the calling process. DALI fails a whole batch on one
+  undecodable image and leaves the pipeline unusable, so it rebuilds the pipeline and splits the batch until
+  the bad images are isolated; each is then offered to Pillow, and only an image that Pillow cannot decode
+  either is reported as failed. Bytes whose JPEG structure DALI is known to mishandle never reach DALI: they
+  go to Pillow directly.
+* ``ImageDecoder``, what the Beam transforms use, cuts each call into DALI runs bounded in images and in
+  decoded bytes (from the sizes the headers claim) and, by default (``isolation="process"``), runs the
+  ``DaliDecoder`` in a supervised child process (``beam_tarimg.decoder_process``). DALI can crash (segfault,
+  abort) on some damaged JPEGs rather than raise; the child's death then costs only the run in flight, which
+  is decoded again in a new child, split in halves until the culprit stands alone and becomes a failure
+  (``"decoder process crashed (SIGSEGV)"``). Pixels come back through shared memory, copied once.
 """
 
 from __future__ import annotations
@@ -14,17 +25,23 @@ import io
 import logging
 import threading
 import weakref
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, has_complete_header
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, JpegHeader, image_dimensions, parse_jpeg
 
 _LOG = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "gpu")
+ISOLATION = ("process", "none")
 
-
+# The most decoded bytes one DALI run may hold, from the sizes the headers claim: 512 MiB fits a worker of a few
+# GB (ImageNet-sized images are ~0.5 MB each, so batches of 100 stay far below it; 24 MP photos are 72 MB each,
+# so about 7 go in one run). A single image over it is decoded alone.
+DEFAULT_MAX_RUN_BYTES = 512 * 1024 * 1024
+# How long one run in the decoder process may take before the process is killed and the run split.
+DEFAULT_RUN_TIMEOUT_S = 120.0
 def cuda_device_count() -> int:
     """How many CUDA devices the driver sees (0 without a driver). Touches neither DALI nor a GPU context."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
@@ -67,12 +84,43 @@ class DecodeOutcome(NamedTuple):
     error: Optional[str]
 
 
+def claimed_bytes(data: bytes, header: Optional[JpegHeader] = None) -> int:
+    """The bytes of RGB pixels the image's header claims (0 when no header says): what a decode will hold.
+    ``header``: ``parse_jpeg(data)``, when the caller has it."""
+    try:
+        dims = image_dimensions(data, header)
+    except ValueError:  # over Pillow's own bomb limit: the decoders refuse it without decoding
+        return 0
+    return 0 if dims is None else dims[0] * dims[1] * 3
+
+
+def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
+    """``jpeg.dali_rejects`` from a parsed header (None: the bytes are no JPEG)."""
+    return "not a JPEG (no start-of-image marker)" if header is None else header.dali_rejects()
+
+
+def plan_runs(sizes: Sequence[int], max_images: int, max_bytes: int) -> List[List[int]]:
+    """Cuts ``range(len(sizes))`` into runs, in order, of at most ``max_images`` items and ``max_bytes`` bytes
+    (``sizes`` are the items' decoded bytes); an item over ``max_bytes`` forms a run of its own."""
+    runs: List[List[int]] = []
+    run: List[int] = []
+    held = 0
+    for i, size in enumerate(sizes):
+        if run and (len(run) >= max_images or held + size > max_bytes):
+            runs.append(run)
+            run, held = [], 0
+        run.append(i)
+        held += size
+    if run:
+        runs.append(run)
+    return runs
+
+
 class ImageDecoder:
-    """Decodes lists of encoded images with one DALI pipeline built once and reused.
+    """Decodes lists of encoded images: DALI, built once and reused, in a supervised process by default.
 
     Args:
-      max_batch_size: the most images one ``decode()`` call decodes in one DALI run; longer lists are
-        decoded in chunks.
+      max_batch_size: the most images in one DALI run; longer lists are decoded in several runs.
       num_threads: DALI's CPU worker threads.
       device: ``"auto"``, ``"cpu"`` or ``"gpu"`` (see ``resolve_device``).
       device_id: the CUDA device for ``"gpu"``.
@@ -81,9 +129,23 @@ class ImageDecoder:
       hw_decoder_load: the share of each batch's images given to the GPU's hardware JPEG decoder (A100,
         H100/H200; baseline JPEGs only); the rest take nvJPEG's CUDA path, whose Huffman decoding runs on
         the ``num_threads`` CPU threads (GPU only).
+      max_run_bytes: a budget for the memory that decoding one run takes, from the pixel sizes the headers
+        claim: DALI holds about twice a run's pixels at its peak, and the decoder process's shared-memory copy
+        one more, so runs are planned at a quarter of it (a half with ``isolation="none"``); a run stops short
+        of ``max_batch_size`` images to stay under that, and a single larger image runs alone.
+      isolation: ``"process"`` (default) runs DALI and the Pillow fallback in a child process that the
+        calling process supervises and restarts: a native crash costs only the image that caused it.
+        ``"none"`` runs them in the calling process (a crash there kills it). See the module docstring.
+      run_timeout_s: with ``isolation="process"``, a run that takes longer kills the child and is treated
+        as a crash (split, the culprit a failure ``"decoder process timed out ..."``).
 
     ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
-    ``builds`` counts how many DALI pipelines this instance has built (one, plus one per bad batch).
+    ``builds`` counts the DALI pipelines built (one per decoder process started, plus one per bad batch);
+    ``crashes`` counts the decoder processes that died (or were killed for a timeout) during a run.
+
+    With ``isolation="process"`` the returned pixels are views of a shared-memory buffer that holds the
+    whole run; with ``"none"``, views of DALI's output buffer of the run. Either way an image kept after its
+    batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
     """
 
     def __init__(
@@ -95,14 +157,135 @@ class ImageDecoder:
         fallback: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         hw_decoder_load: float = 0.9,
+        max_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
+        isolation: str = "process",
+        run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
     ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
-        if num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {num_threads!r}")
+        if max_run_bytes < 1:
+            raise ValueError(f"max_run_bytes must be >= 1, got {max_run_bytes!r}")
+        if isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
+        if not run_timeout_s > 0:
+            raise ValueError(f"run_timeout_s must be > 0, got {run_timeout_s!r}")
+        config = dict(
+            max_batch_size=max_batch_size,
+            num_threads=num_threads,
+            device=resolve_device(device),
+            device_id=device_id,
+            fallback=fallback,
+            max_pixels=max_pixels,
+            hw_decoder_load=hw_decoder_load,
+        )
+        DaliDecoder.check_args(**config)
+        self.max_batch_size = int(max_batch_size)
+        self.max_run_bytes = int(max_run_bytes)
+        # DALI's CPU decoder holds about twice a run's pixels at its peak (measured: 2.4x for runs of 45 MB of
+        # 3 MP images), and in the decoder process the shared-memory copy adds one more: runs are planned at a
+        # half (in-process) or a quarter (decoder process) of the budget.
+        self._plan_bytes = self.max_run_bytes // (4 if isolation == "process" else 2)
+        self.device = config["device"]
+        self.isolation = isolation
+        self.crashes = 0
+        self._lock = threading.Lock()
+        if isolation == "process":
+            from beam_tarimg.decoder_process import DecoderProcess
+
+            self._process = DecoderProcess(config, run_timeout_s=run_timeout_s)
+            self._local = None
+        else:
+            self._process = None
+            self._local = DaliDecoder(**config)
+
+    @property
+    def builds(self) -> int:
+        return self._process.builds if self._process is not None else self._local.builds
+
+    def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
+        """One outcome per input, in input order. Never raises for bad image bytes."""
+        outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
+        for run, run_outcomes in self.decode_runs(encoded):
+            for i, outcome in zip(run, run_outcomes):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def decode_runs(self, encoded: Sequence[bytes]) -> Iterator[Tuple[List[int], List[DecodeOutcome]]]:
+        """Decodes run by run, yielding ``(indices, outcomes)`` for each run as it is done, so that a caller
+        can hand each run's images on before the next run is decoded (what bounds memory: see
+        ``max_run_bytes``)."""
+        # One walk over each image's markers gives both its size (for the plan) and what DALI must not see.
+        headers = [parse_jpeg(blob) for blob in encoded]
+        sizes = [claimed_bytes(blob, header) for blob, header in zip(encoded, headers)]
+        rejects = [dali_rejects(header) for header in headers]
+        del headers
+        for run in plan_runs(sizes, self.max_batch_size, self._plan_bytes):
+            with self._lock:
+                if self._process is None:
+                    run_outcomes = self._local.decode([encoded[i] for i in run], [rejects[i] for i in run])
+                else:
+                    run_outcomes = [None] * len(run)
+                    self._decode_contained(encoded, rejects, run, list(range(len(run))), run_outcomes)
+            yield run, run_outcomes
+
+    def _decode_contained(self, encoded, rejects, run: List[int], positions: List[int], outcomes) -> None:
+        """Decodes ``run[p] for p in positions`` in the decoder process, into ``outcomes[p]``; when the process
+        dies, decodes the halves again (each in a new process) until the culprit stands alone."""
+        from beam_tarimg.decoder_process import DecoderCrashed
+
+        try:
+            results = self._process.decode([encoded[run[p]] for p in positions], [rejects[run[p]] for p in positions])
+        except DecoderCrashed as crash:
+            self.crashes += 1
+            _LOG.warning("beam_tarimg: %s during a run of %d images; decoding them again in a new process",
+                         crash, len(positions))
+            if len(positions) == 1:
+                outcomes[positions[0]] = DecodeOutcome(None, None, str(crash))
+                return
+            half = len(positions) // 2
+            self._decode_contained(encoded, rejects, run, positions[:half], outcomes)
+            self._decode_contained(encoded, rejects, run, positions[half:], outcomes)
+            return
+        for p, outcome in zip(positions, results):
+            outcomes[p] = outcome
+
+    def close(self) -> None:
+        """Stops the decoder process (if any) and frees the pipeline. The decoder cannot be used after it."""
+        with self._lock:
+            if self._process is not None:
+                self._process.close()
+            self._local = None
+
+
+class DaliDecoder:
+    """One DALI pipeline in this process, built once and rebuilt after a batch that DALI rejects; the Pillow
+    fallback for what DALI rejects. What ``ImageDecoder`` runs, in its decoder process or in-process.
+
+    The arguments are ``ImageDecoder``'s; ``device`` must be resolved (``"cpu"`` or ``"gpu"``).
+    ``builds`` counts how many DALI pipelines this instance has built (one, plus one per bad batch).
+    """
+
+    @staticmethod
+    def check_args(max_batch_size, num_threads, **_) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        num_threads: int = 2,
+        device: str = "cpu",
+        device_id: int = 0,
+        fallback: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        hw_decoder_load: float = 0.9,
+    ):
+        self.check_args(max_batch_size, num_threads)
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be resolved to 'cpu' or 'gpu', got {device!r}")
         self.max_batch_size = int(max_batch_size)
         self.num_threads = int(num_threads)
-        self.device = resolve_device(device)
+        self.device = device
         self.device_id = int(device_id)
         self.fallback = fallback
         self.max_pixels = max_pixels
@@ -160,15 +343,20 @@ class ImageDecoder:
         self._pipe = None  # let DALI free what the broken pipeline held before building the next
         self._pipe = self._build()
 
-    def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
-        """One outcome per input, in input order. Never raises for bad image bytes."""
+    def decode(self, encoded: Sequence[bytes], rejects: Optional[Sequence[Optional[str]]] = None) -> List[DecodeOutcome]:
+        """One outcome per input, in input order. Never raises for bad image bytes.
+
+        ``rejects``: ``dali_rejects`` of each input, when the caller has them (``ImageDecoder`` computes them
+        once, with the sizes it plans runs by); None to check here."""
         outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
+        if rejects is None:
+            rejects = [dali_rejects(parse_jpeg(blob)) for blob in encoded]
         for_dali = []
-        for i, blob in enumerate(encoded):
-            if has_complete_header(blob):
+        for i, reason in enumerate(rejects):
+            if reason is None:
                 for_dali.append(i)
-            else:  # never fed to DALI, which can crash on such bytes (see jpeg.has_complete_header)
-                outcomes[i] = DecodeOutcome(None, None, "not a complete JPEG (no whole frame and scan header)")
+            else:  # never fed to DALI, which can crash on such bytes (see jpeg.dali_rejects): Pillow's
+                outcomes[i] = DecodeOutcome(None, None, f"not for DALI: {reason}")
         with self._lock:
             arrays = {i: np.frombuffer(encoded[i], dtype=np.uint8) for i in for_dali}
             for start in range(0, len(for_dali), self.max_batch_size):
@@ -215,7 +403,7 @@ class ImageDecoder:
         return [out.at(i) for i in range(len(out))]  # other executors reuse their buffers on the next run
 
 
-def _release_pipeline(ref: "weakref.ref[ImageDecoder]") -> None:
+def _release_pipeline(ref: "weakref.ref[DaliDecoder]") -> None:
     decoder = ref()
     if decoder is not None:
         with decoder._lock:

@@ -19,12 +19,13 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
 
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
-from beam_tarimg.decode import DEVICES, ImageDecoder
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS
+from beam_tarimg.decode import DEFAULT_MAX_RUN_BYTES, DEFAULT_RUN_TIMEOUT_S, DEVICES, ISOLATION, ImageDecoder
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS
 from beam_tarimg.schema import check_int
 from beam_tarimg.tario import (
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_MEMBER_BYTES,
+    escape_member_name,
     normalize_extensions,
     read_tar,
     tar_display_name,
@@ -52,6 +53,7 @@ class _ReadConfig:
     include_metadata: bool
     max_pixels: int
     max_member_bytes: int
+    max_scans: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,9 @@ class _DecodeConfig:
     fallback: bool
     max_pixels: int
     hw_decoder_load: float
+    max_run_bytes: int
+    isolation: str
+    run_timeout_s: float
 
     def make_decoder(self) -> ImageDecoder:
         threads = self.num_threads or _usable_cores()
@@ -74,6 +79,9 @@ class _DecodeConfig:
             fallback=self.fallback,
             max_pixels=self.max_pixels,
             hw_decoder_load=self.hw_decoder_load,
+            max_run_bytes=self.max_run_bytes,
+            isolation=self.isolation,
+            run_timeout_s=self.run_timeout_s,
         )
 
 
@@ -104,6 +112,7 @@ class _SharedDecoder:
     def __init__(self, config: _DecodeConfig):
         self.decoder = config.make_decoder()
         self.build_reported = 0
+        self.crashes_reported = 0
         self.lock = threading.Lock()
 
 
@@ -114,7 +123,9 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
         f = FileSystems.open(path, compression_type=CompressionTypes.AUTO)
     except Exception as e:  # any filesystem: missing, permission, a directory, a network error
         counters.count("tars_failed")
-        yield TaggedOutput(FAILURES, ImageFailure(path, None, FailureStage.OPEN, f"{type(e).__name__}: {e}"))
+        yield TaggedOutput(
+            FAILURES, ImageFailure(escape_member_name(path), None, FailureStage.OPEN, f"{type(e).__name__}: {e}")
+        )
         return
     with f:
         for event in read_tar(
@@ -125,11 +136,12 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
             include_metadata=config.include_metadata,
             max_pixels=config.max_pixels,
             max_member_bytes=config.max_member_bytes,
+            max_scans=config.max_scans,
             count=counters.count,
         ):
             if isinstance(event, ImageFailure):
-                if event.stage in (FailureStage.LIMIT, FailureStage.DECODE):
-                    counters.count("images_failed")
+                if event.member is not None and event.stage != FailureStage.METADATA:
+                    counters.count("images_failed")  # limit, decode, and JPEG-named members that are not files
                 yield TaggedOutput(FAILURES, event)
             else:
                 yield event
@@ -147,7 +159,7 @@ class _SetupStateFn(beam.DoFn):
 
 class _ReadTarsFn(_SetupStateFn):
     """Reads tars into EncodedBatches (no decode). Counters: tars_read, tars_failed, tars_corrupt,
-    tars_without_images, members_skipped, images_over_limit, images_failed, bytes_read."""
+    tars_without_images, members_skipped, members_not_files, images_over_limit, images_failed, bytes_read."""
 
     def __init__(self, config: _ReadConfig):
         self._config = config
@@ -161,8 +173,9 @@ class _ReadTarsFn(_SetupStateFn):
 
 class _DecodeBatchesFn(_SetupStateFn):
     """Decodes EncodedBatches into ImageBatches with one DALI pipeline per process (shared between the
-    DoFn instances of that process). Counters: images_decoded_cpu, images_decoded_gpu,
-    images_decoded_fallback, images_failed, decoders_built, dali_rebuilds; distribution batch_decode_ms."""
+    DoFn instances of that process; by default in a supervised decoder process). Counters: images_decoded_cpu,
+    images_decoded_gpu, images_decoded_fallback, images_failed, decoders_built, dali_rebuilds, decoder_crashes;
+    distribution batch_decode_ms (per DALI run)."""
 
     def __init__(self, config: _DecodeConfig):
         self._decode_config = config
@@ -184,32 +197,41 @@ class _DecodeBatchesFn(_SetupStateFn):
             new = s.decoder.builds - s.build_reported
             first = s.build_reported == 0
             s.build_reported = s.decoder.builds
+            crashes = s.decoder.crashes - s.crashes_reported
+            s.crashes_reported = s.decoder.crashes
         if new:
             self._counters.count("decoders_built", 1 if first else 0)
             self._counters.count("dali_rebuilds", new - 1 if first else new)
+        self._counters.count("decoder_crashes", crashes)
 
     def _decode(self, batch: EncodedBatch) -> Iterator:
         if not batch.images:
             return
-        start = time.perf_counter()
-        outcomes = self._shared.decoder.decode([image.data for image in batch.images])
-        self._decode_ms.update(int((time.perf_counter() - start) * 1000))
-        self._report_builds()
         prefix = tar_display_name(batch.tar_path) + "/"
-        images = []
-        for encoded, outcome in zip(batch.images, outcomes):
-            if outcome.pixels is None:
-                self._counters.count("images_failed")
-                yield TaggedOutput(
-                    FAILURES, ImageFailure(batch.tar_path, encoded.member, FailureStage.DECODE, outcome.error)
+        # One ImageBatch per DALI run, handed on before the next run: a batch cut short by max_run_bytes is
+        # emitted as it is, so that no more than one run's pixels are held here at a time.
+        start = time.perf_counter()
+        for run, outcomes in self._shared.decoder.decode_runs([image.data for image in batch.images]):
+            self._decode_ms.update(int((time.perf_counter() - start) * 1000))
+            self._report_builds()
+            images = []
+            for i, outcome in zip(run, outcomes):
+                encoded = batch.images[i]
+                if outcome.pixels is None:
+                    self._counters.count("images_failed")
+                    yield TaggedOutput(
+                        FAILURES, ImageFailure(batch.tar_path, encoded.member, FailureStage.DECODE, outcome.error)
+                    )
+                    continue
+                self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
+                                     f"images_decoded_{outcome.decoder}")
+                images.append(
+                    ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata,
+                                encoded=encoded.data)
                 )
-                continue
-            self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
-                                 f"images_decoded_{outcome.decoder}")
-            images.append(ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata,
-                                      encoded=encoded.data))
-        if images:
-            yield ImageBatch(batch.tar_path, images)
+            if images:
+                yield ImageBatch(batch.tar_path, images)
+            start = time.perf_counter()
 
 
 class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
@@ -258,6 +280,10 @@ class ReadAllImagesFromTars(beam.PTransform):
         fallback: bool = True,
         hw_decoder_load: float = 0.9,
         accelerator: Optional[str] = None,
+        max_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
+        max_scans: int = DEFAULT_MAX_SCANS,
+        isolation: str = "process",
+        run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
     ):
         super().__init__()
         check_int("batch_size", batch_size, 1)
@@ -272,12 +298,19 @@ class ReadAllImagesFromTars(beam.PTransform):
         check_int("max_member_bytes", max_member_bytes, 1)
         if not isinstance(hw_decoder_load, (int, float)) or not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be a number in [0, 1], got {hw_decoder_load!r}")
+        check_int("max_run_bytes", max_run_bytes, 1)
+        check_int("max_scans", max_scans, 1)
+        if isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
+        if isinstance(run_timeout_s, bool) or not isinstance(run_timeout_s, (int, float)) or not run_timeout_s > 0:
+            raise ValueError(f"run_timeout_s must be a number > 0, got {run_timeout_s!r}")
         self._read_config = _ReadConfig(
             batch_size=batch_size,
             extensions=normalize_extensions(extensions),
             include_metadata=bool(include_metadata),
             max_pixels=max_pixels,
             max_member_bytes=max_member_bytes,
+            max_scans=max_scans,
         )
         self._decode_config = _DecodeConfig(
             batch_size=batch_size,
@@ -287,6 +320,9 @@ class ReadAllImagesFromTars(beam.PTransform):
             fallback=bool(fallback),
             max_pixels=max_pixels,
             hw_decoder_load=float(hw_decoder_load),
+            max_run_bytes=max_run_bytes,
+            isolation=isolation,
+            run_timeout_s=float(run_timeout_s),
         )
         self._redistribute = redistribute
         self._accelerator = accelerator
@@ -355,7 +391,7 @@ class ReadImagesFromTars(beam.PTransform):
       file_pattern: a glob (``"gs://bucket/data/*.tar"``) or a directory (all ``*.tar`` in it), on any
         filesystem Beam knows.
       batch_size: images per ``ImageBatch`` (and per DALI run); the last batch of a tar may be smaller, and
-        so is a batch that lost images to failures.
+        so is a batch that lost images to failures or was cut short by ``max_run_bytes``.
       num_threads: DALI CPU threads per worker process; default: the cores the worker may use.
       device: ``"auto"`` (GPU when DALI's worker sees a CUDA device, else CPU), ``"gpu"`` or ``"cpu"``.
       device_id: the CUDA device for GPU decoding.
@@ -368,8 +404,17 @@ class ReadImagesFromTars(beam.PTransform):
       max_pixels: images whose header claims more pixels are failures, never decoded (Pillow's
         decompression-bomb threshold by default).
       max_member_bytes: members larger than this are failures, never read.
+      max_scans: a JPEG with more scans than this (a progressive JPEG's decode time grows with them) is a
+        ``limit`` failure, never decoded; so is one whose header claims more pixels than its bytes can code.
       fallback: decode images that DALI rejects with Pillow instead of failing them.
       hw_decoder_load: share of GPU decoding given to the hardware JPEG decoder.
+      max_run_bytes: the most decoded bytes one decode run may hold, from the sizes the JPEG headers claim
+        (default 512 MiB); a run stops short of ``batch_size`` to stay under it and its images are emitted as
+        a smaller ``ImageBatch``; a single larger image is decoded alone.
+      isolation: ``"process"`` (default) decodes in a supervised decoder process per worker process, so that
+        a native crash of DALI costs only the image that caused it (a ``decode`` failure naming the signal,
+        counted in ``decoder_crashes``); ``"none"`` decodes in the worker process itself.
+      run_timeout_s: a decode run taking longer kills the decoder process; handled like a crash.
       accelerator: a Beam ``accelerator`` resource hint for the decode step (e.g.
         ``"type:nvidia-l4;count:1;install-nvidia-driver"``), with ``num_threads`` as its ``cpu_count`` hint;
         applied on non-local runners only. The hinted step runs in its own environment, unfused.

@@ -123,9 +123,11 @@ class FailureStage:
     """Where an input was lost. The values are the ``stage`` of an ``ImageFailure``."""
 
     OPEN = "open"  # the tar could not be opened (missing, unreadable, a directory)
-    READ = "read"  # not a tar, cut off, corrupt, or data after its end; every whole member before was read
+    # With member None: not a tar, cut off, corrupt, or data after its end (every whole member before was read);
+    # with a member: a JPEG-named member that is not a regular file (link, directory, device, FIFO, sparse file).
+    READ = "read"
     LIMIT = "limit"  # over max_pixels (or Pillow's own bomb limit) or max_member_bytes; never decoded
-    DECODE = "decode"  # neither DALI nor the Pillow fallback could decode the member
+    DECODE = "decode"  # neither DALI nor the Pillow fallback could decode it, or it crashed the decoder process
     METADATA = "metadata"  # a sidecar could not be parsed; its image, if any, was still emitted without it
 
     ALL = (OPEN, READ, LIMIT, DECODE, METADATA)

@@ -179,6 +179,7 @@ def _summary(result, seconds: float, runner: str, pattern: str, args, wrote: boo
         "images_failed": counters.get("images_failed", 0),
         "failures": counters.get("failure_records", 0),
         "members_skipped": counters.get("members_skipped", 0),
+        "decoder_crashes": counters.get("decoder_crashes", 0),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 1) if seconds > 0 else 0.0,
         "counters": counters,
@@ -197,6 +198,8 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
     print(f"  {what:<16} {count} ({s['images_per_second']} images/s)")
     print(f"  failures         {s['failures']} ({s['images_failed']} images lost)")
     print(f"  members skipped  {s['members_skipped']}")
+    if s["decoder_crashes"]:
+        print(f"  decoder crashes  {s['decoder_crashes']} (contained: each cost at most the image that caused it)")
     if wrote:
         files = s["output_files"]
         where = files[0] if len(files) == 1 else f"{s['output']}* ({len(files)} files)"

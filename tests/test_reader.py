@@ -38,6 +38,16 @@ def _cut_in_scan_data(jpeg: bytes) -> bytes:
     return jpeg[: len(jpeg) // 2]
 
 
+CRASH_MARKER = b"beam-tarimg-test-crash"
+
+
+def _crashing(jpeg: bytes) -> bytes:
+    """A good JPEG carrying, in a comment segment, the bytes on which the decoder process is asked to crash
+    itself with SIGSEGV (``decoder_process.CRASH_TEST_ENV``): a real native crash, where and when we choose."""
+    comment = b"\xff\xfe" + (len(CRASH_MARKER) + 2).to_bytes(2, "big") + CRASH_MARKER
+    return jpeg[:2] + comment + jpeg[2:]
+
+
 def _claiming_size(jpeg: bytes, width: int, height: int) -> bytes:
     """The same JPEG with its frame header claiming another size (a decompression bomb's header)."""
     i = jpeg.index(b"\xff\xc0")
@@ -62,12 +72,15 @@ def mixed(tmp_path_factory):
         ("a/b/000000008.jpg", make_jpeg(8)),
         ("fallback.jpg", _with_junk_before_marker(make_jpeg(9))),
         ("000000010.jpg", make_jpeg(10, 33, 17)),
+        # DALI rejects it, so Pillow decodes it: EXIF orientation must be applied there too.
+        ("rotated_fallback.jpg", _with_junk_before_marker(make_jpeg(13, 40, 24, exif_orientation=6))),
     ]
     bad = [
         ("bad_garbage.jpg", os.urandom(3000)),
         ("bad_truncated.jpg", _cut_in_scan_data(make_jpeg(11, 200, 160))),
         ("bad_empty.jpg", b""),
         ("bomb.jpg", _claiming_size(make_jpeg(12), 30000, 30000)),
+        ("crasher.jpg", _crashing(make_jpeg(14))),
     ]
     others = [
         ("000000000.json", b'{"a": 1}'),
@@ -106,14 +119,51 @@ def mixed(tmp_path_factory):
     return root, good
 
 
-@pytest.fixture(scope="module")
-def mixed_run(mixed, tmp_path_factory):
+@pytest.fixture(scope="module", params=["none", "encoded", "decoded"])
+def mixed_run(mixed, tmp_path_factory, request):
+    """The mixed folder read in each ``redistribute`` mode: every test below holds in all three."""
     from conftest import run_pipeline
     from beam_tarimg import ReadImagesFromTars
+    from beam_tarimg.decoder_process import CRASH_TEST_ENV
 
     root, _ = mixed
     out = tmp_path_factory.mktemp("mixed-out")
-    return run_pipeline(lambda p: p | ReadImagesFromTars(str(root), batch_size=BATCH).with_failures(), out)
+    os.environ[CRASH_TEST_ENV] = "SIGSEGV:" + CRASH_MARKER.hex()  # read by decoder processes as they start
+    try:
+        return run_pipeline(
+            lambda p: p | ReadImagesFromTars(str(root), batch_size=BATCH, redistribute=request.param).with_failures(),
+            out,
+        )
+    finally:
+        del os.environ[CRASH_TEST_ENV]
+
+
+# Every JPEG member of the mixed folder, and what it must become: an image, a failure naming it, or (cut off
+# with its tar) covered by that tar's one read failure.
+_JPEG_MEMBERS_NOT_IMAGES = {
+    "00000.tar/bad_garbage.jpg": "failure",
+    "00000.tar/bad_truncated.jpg": "failure",
+    "00000.tar/bad_empty.jpg": "failure",
+    "00000.tar/bomb.jpg": "failure",
+    "00000.tar/crasher.jpg": "failure",
+    "00000.tar/link.jpg": "failure",
+    "00000.tar/hard.jpg": "failure",
+    "00001.tar/100000006.jpg": "cut",
+}
+
+
+def test_reader__every_jpeg_member_is_exactly_one_image_or_failure(mixed, mixed_run):
+    _, good = mixed
+    seen = [image.image_path for image in mixed_run.images]
+    seen += [f"{os.path.basename(f.tar_path)}/{f.member}" for f in mixed_run.failures if f.member is not None]
+    assert len(seen) == len(set(seen)), "a member came out twice"
+    expected = set(good) | {m for m, what in _JPEG_MEMBERS_NOT_IMAGES.items() if what == "failure"}
+    assert sorted(seen) == sorted(expected)
+    for member, what in _JPEG_MEMBERS_NOT_IMAGES.items():
+        if what == "cut":
+            tar, name = member.split("/", 1)
+            (cut,) = [f for f in mixed_run.failures if os.path.basename(f.tar_path) == tar and f.member is None]
+            assert name in cut.error
 
 
 def test_reader__outputs_every_decodable_jpeg_exactly_once(mixed, mixed_run):
@@ -171,10 +221,12 @@ def test_reader__batch_keeps_tar_order(mixed_run):
 
 def test_reader__undecodable_jpegs_are_failures_naming_tar_and_member(mixed_run):
     decode = {(os.path.basename(f.tar_path), f.member): f for f in mixed_run.failures if f.stage == "decode"}
-    assert set(decode) == {("00000.tar", "bad_garbage.jpg"), ("00000.tar", "bad_truncated.jpg"), ("00000.tar", "bad_empty.jpg")}
+    assert set(decode) == {("00000.tar", "bad_garbage.jpg"), ("00000.tar", "bad_truncated.jpg"),
+                           ("00000.tar", "bad_empty.jpg"), ("00000.tar", "crasher.jpg")}
     assert "0 bytes" in decode[("00000.tar", "bad_empty.jpg")].error
     # Random bytes never reach DALI; a JPEG cut in its scan data does, and DALI's and Pillow's errors are kept.
-    assert decode[("00000.tar", "bad_garbage.jpg")].error.startswith("not a complete JPEG")
+    assert decode[("00000.tar", "bad_garbage.jpg")].error.startswith("not for DALI: ")
+    assert decode[("00000.tar", "crasher.jpg")].error == "decoder process crashed (SIGSEGV)"
     assert "Pillow" in decode[("00000.tar", "bad_garbage.jpg")].error
     assert decode[("00000.tar", "bad_truncated.jpg")].error.startswith("DALI")
     assert "Pillow" in decode[("00000.tar", "bad_truncated.jpg")].error
@@ -189,9 +241,19 @@ def test_reader__bad_images_cost_only_themselves_in_their_batch(mixed_run):
 
 def test_reader__pillow_decodes_what_dali_rejects_and_counts_it(mixed, mixed_run):
     _, good = mixed
-    image = mixed_run.by_member()["fallback.jpg"]
-    assert np.array_equal(image.image_data, pillow_rgb(good["00000.tar/fallback.jpg"]))
-    assert mixed_run.counters["images_decoded_fallback"] == 1
+    for member in ("fallback.jpg", "rotated_fallback.jpg"):
+        image = mixed_run.by_member()[member]
+        assert np.array_equal(image.image_data, pillow_rgb(good[f"00000.tar/{member}"]))
+    assert mixed_run.by_member()["rotated_fallback.jpg"].image_data.shape == (40, 24, 3)  # orientation 6 applied
+    assert mixed_run.counters["images_decoded_fallback"] == 2
+
+
+def test_reader__a_decoder_crash_costs_only_the_image_that_caused_it(mixed, mixed_run):
+    # crasher.jpg crashed the decoder process in its run; the run was decoded
+    # again in new processes, split until the crasher stood alone; everything else came out.
+    _, good = mixed
+    assert mixed_run.counters["decoder_crashes"] >= 2  # the run with it, then each smaller run with it alone
+    assert set(mixed_run.by_member()) >= {path.split("/", 1)[1] for path in good if path.startswith("00000.tar/")}
 
 
 def test_reader__oversized_header_is_a_limit_failure_not_decoded(mixed_run):
@@ -233,17 +295,18 @@ def test_reader__counts_what_it_skips_reads_and_decodes(mixed, mixed_run):
     _, good = mixed
     assert c["tars_read"] == 7
     assert c["tars_corrupt"] == 3  # cut mid-member, cut between members, not a tar
-    # 00000.tar: json, txt, cls, png, 2 dirs, symlink, hardlink; 00004.tar: json, txt.
-    assert c["members_skipped"] == 10
-    assert c["images_decoded_cpu"] == len(good) - 1  # all but the Pillow fallback
-    assert c["images_failed"] == 4  # 3 undecodable + 1 over the pixel limit
+    # 00000.tar: json, txt, cls, png, 2 dirs; 00004.tar: json, txt. The symlink and hardlink named .jpg are failures.
+    assert c["members_skipped"] == 8
+    assert c["members_not_files"] == 2
+    assert c["images_decoded_cpu"] == len(good) - 2  # all but the two Pillow fallbacks
+    assert c["images_failed"] == 7  # 3 undecodable + 1 crasher + 1 over the pixel limit + 2 links
     assert c["bytes_read"] >= sum(len(d) for d in good.values())
     assert c["decoders_built"] >= 1
     assert mixed_run.distributions["batch_decode_ms"].count == len(mixed_run.batches)
 
 
 def test_reader__every_failure_record_says_tar_stage_and_error(mixed_run):
-    assert len(mixed_run.failures) == 3 + 1 + 3  # decode, limit, read
+    assert len(mixed_run.failures) == 4 + 1 + 3 + 2  # decode, limit, read (tars), read (links)
     for f in mixed_run.failures:
         assert f.tar_path.endswith(".tar") and f.stage in FailureStage.ALL and f.error
         assert set(f.to_dict()) == {"tar", "member", "stage", "error"}
@@ -418,3 +481,31 @@ def test_reader__corrupt_compressed_tar_is_a_read_failure_and_others_go_on(tmp_p
     assert [i.image_path for i in result.images if i.image_path.startswith("good.tar")] == ["good.tar/1.jpg"]
     failures = [f for f in result.failures if f.tar_path == str(bad)]
     assert len(failures) == 1 and failures[0].stage == FailureStage.READ
+
+
+def _tiny_bomb(seed: int) -> bytes:
+    """A ~0.6 KB grayscale JPEG whose frame header claims 9400x9400 (under max_pixels): 265 MB if decoded."""
+    return _claiming_size(make_jpeg(seed, 16, 16, grayscale=True, quality=75), 9400, 9400)
+
+
+def test_reader__tiny_files_claiming_huge_frames_are_limit_failures_never_decoded(tmp_path, read_tars):
+    bombs = [(f"{i:04d}.jpg", _tiny_bomb(i)) for i in range(100)]
+    assert all(len(data) < 1000 for _, data in bombs)
+    write_tar(tmp_path / "bombs.tar", bombs + [("good.jpg", make_jpeg(7))])
+    result = read_tars(str(tmp_path), batch_size=16)
+    assert [i.image_path for i in result.images] == ["bombs.tar/good.jpg"]
+    assert sorted(f.member for f in result.failures) == [name for name, _ in bombs]
+    assert all(f.stage == FailureStage.LIMIT and "claims 9400x9400" in f.error for f in result.failures)
+    assert result.counters["images_over_limit"] == 100
+
+
+def test_reader__progressive_jpeg_with_more_scans_than_max_scans_is_a_limit_failure(tmp_path, read_tars):
+    jpeg = make_jpeg(3, 64, 48, progressive=True)
+    start = jpeg.index(b"\xff\xda")
+    end = jpeg.index(b"\xff\xda", start + 2)  # the first scan, header and data
+    many = jpeg[:end] + jpeg[start:end] * 40 + jpeg[end:]
+    write_tar(tmp_path / "scans.tar", [("many.jpg", many), ("fine.jpg", jpeg)])
+    result = read_tars(str(tmp_path), batch_size=4, max_scans=20)
+    assert [i.image_path for i in result.images] == ["scans.tar/fine.jpg"]
+    (failure,) = result.failures
+    assert failure.member == "many.jpg" and failure.stage == FailureStage.LIMIT and "max_scans=20" in failure.error

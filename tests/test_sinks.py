@@ -649,3 +649,64 @@ def _glob(pattern):
     files = sorted(glob.glob(pattern))
     assert files, pattern
     return files
+
+
+# --- Member names that are not UTF-8: written as their escape, read back equal ------------------------------
+
+_HOSTILE_NAMES = [b"caf\xe9.jpg", b"back\\slash.jpg", b"\xff\xfe/x\\xe9.jpg", "caf\u00e9 \u2615.jpg".encode()]
+
+
+def _check_same_images(batches, expected):
+    got = {image.image_path: image for batch in batches for image in batch}
+    assert sorted(got) == sorted(expected)
+    for path, image in expected.items():
+        assert got[path] == image, path
+
+
+def test_sinks_and_readers_round_trip_escaped_member_names_that_are_not_utf8(tmp_path):
+    from beam_tarimg.tario import escape_member_name, member_name_bytes
+    from beam_tarimg.types import ImageBatch, ImageObject
+
+    rng = np.random.default_rng(11)
+    tar_name = escape_member_name("caf\udce9.tar")
+    images = []
+    for i, raw in enumerate(_HOSTILE_NAMES):
+        member = escape_member_name(raw.decode("utf-8", "surrogateescape"))
+        pixels = rng.integers(0, 256, (4 + i, 5, 3), dtype=np.uint8)
+        images.append(ImageObject(f"{tar_name}/{member}", member.rsplit(".", 1)[0], pixels, {"i": i}))
+    with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
+        batches = p | beam.Create([ImageBatch(tar_name, images)])  # pixels made here: no JPEG bytes, so raw
+        _ = batches | "Parquet" >> WriteImagesToParquet(str(tmp_path / "names"), image_format="raw")
+        _ = batches | "TFRecord" >> WriteImagesToTFRecord(str(tmp_path / "names"), image_format="raw")
+    expected = {image.image_path: image for image in images}
+    assert [member_name_bytes(path.split("/", 1)[1]) for path in expected] == _HOSTILE_NAMES
+    _read_and_check(ReadImagesFromParquet(str(tmp_path / "names-*.parquet")), _check_same_images, expected)
+    _read_and_check(ReadImagesFromTFRecord(str(tmp_path / "names-*.tfrecord")), _check_same_images, expected)
+
+
+def test_tar_with_a_latin1_member_name_is_decoded_written_and_read_back_under_its_escaped_name(tmp_path):
+    import tarfile
+
+    from beam_tarimg.types import ImageObject
+
+    rng = np.random.default_rng(12)
+    data = encode_jpeg(photo_like_image(rng, 40, 30))
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "00000.tar", "w", format=tarfile.GNU_FORMAT, encoding="utf-8") as tar:
+        for raw in (b"caf\xe9.jpg", b"a\\b.jpg"):
+            info = tarfile.TarInfo(raw.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with Image.open(io.BytesIO(data)) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    expected = {  # written in the default format, original: the reader gives back the JPEG bytes too
+        "00000.tar/caf\\xe9.jpg": ImageObject("00000.tar/caf\\xe9.jpg", "caf\\xe9", pixels, {}, data),
+        "00000.tar/a\\\\b.jpg": ImageObject("00000.tar/a\\\\b.jpg", "a\\\\b", pixels, {}, data),
+    }
+    with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
+        batches = p | ReadImagesFromTars(str(src), batch_size=BATCH)
+        _ = batches | "Parquet" >> WriteImagesToParquet(str(tmp_path / "out"))
+        _ = batches | "TFRecord" >> WriteImagesToTFRecord(str(tmp_path / "out"))
+    _read_and_check(ReadImagesFromParquet(str(tmp_path / "out-*.parquet")), _check_same_images, expected)
+    _read_and_check(ReadImagesFromTFRecord(str(tmp_path / "out-*.tfrecord")), _check_same_images, expected)

@@ -2,39 +2,50 @@
 """GPU decode benchmark for beam_tarimg, Beam-free: runs on the lent GPU machine with DALI, numpy and Pillow.
 
 Builds two corpora with ``beam_tarimg.sample`` (ImageNet-like: 8 tars x 500; 1920x1080: 4 tars x 100), reads
-their JPEGs back with ``beam_tarimg.tario.read_tar``, and measures images/s of, over the same bytes in memory:
+their JPEGs back with ``beam_tarimg.tario.read_tar``, and, per corpus:
+
+1. profiles it: the share of baseline JPEGs (SOF0, the only kind the GPU's hardware JPEG decoder takes),
+   progressive ones, and the chroma subsampling;
+2. checks agreement (``agreement``): every image decoded by ``ImageDecoder(device="gpu")`` against
+   ``ImageDecoder(device="cpu")``: same shapes, mean absolute difference per image <= 1.0 (the largest
+   reported, and the largest single-pixel difference), and, once, EXIF orientations 1-8 applied alike;
+3. measures images/s of, over the same bytes in memory:
 
   dali_mixed        a bare DALI pipeline: external_source (a batch callback) -> decoders.image(device="mixed"),
                     DALI's default asynchronous, prefetching executor; outputs stay on the GPU (the ceiling)
-  dali_mixed_fancy  the same with jpeg_fancy_upsampling=True (the CPU decoder's chroma upsampling)
-  dali_mixed_host   the same, each output batch copied to host numpy arrays (as_cpu + at)    [not by default]
   decoder_gpu       beam_tarimg.decode.ImageDecoder(device="gpu"): what the Beam DoFns run, host numpy out
   cpu_threads       ImageDecoder(device="cpu") in one process with every core as a DALI thread
-  cpu_procs         one process per core, each an ImageDecoder(device="cpu", num_threads=1), barrier-started
-  dali_cpu          the bare pipeline with decoders.image(device="cpu"), every core a thread  [smoke only by
-                    default: it checks the bare-pipeline code here without a GPU]
+  dali_mixed_fancy  the bare pipeline with jpeg_fancy_upsampling=True (the CPU decoder's chroma upsampling)
+                                                                                            [not by default]
+  dali_mixed_host   the bare pipeline, each output batch copied to host numpy arrays        [not by default]
+  cpu_procs         one process per core, each an ImageDecoder(device="cpu", num_threads=1) [not by default]
+  dali_cpu          the bare pipeline with decoders.image(device="cpu"), every core a thread  [smoke]
 
-for each batch size (64, 128, 256, 512) and, on the GPU, each hw_decoder_load (0, 0.5, 0.75, 0.9, 1.0).
-Each configuration: a warm-up of a few batches, then ``--runs`` timed passes over the corpus (repeated so one
-pass holds at least ``--min-batches`` batches); reported are the medians of the passes' rates (images / pass
-time) and marginal rates (the images after a pass's first quarter of batches / the time they took, leaving
-out the ramp-up at a pass's start). Pipeline build time is reported apart and never counted (a GPU worker's
-first build also creates its CUDA context).
+for each batch size (default 128, 512) and, on the GPU, each hw_decoder_load (default 0, 0.75, 1.0), in
+the order agreement, cpu_threads, dali_mixed, decoder_gpu: ImageNet-like first, then 1080p (so a budget cut
+falls on 1080p's last decoder_gpu configurations first). Each configuration: a warm-up of a few batches,
+then ``--runs`` timed passes over the corpus (repeated so one pass holds at least ``--min-batches``
+batches); reported are the medians of the passes' rates (images / pass time) and marginal rates (the images
+after a pass's first quarter of batches / the time they took, leaving out the ramp-up at a pass's start).
+Pipeline build time is reported apart and never counted (a GPU worker's first build also creates its CUDA
+context). Only ``ImageDecoder``'s public API is used, so it measures whatever the decoder does (in the
+calling process, or in a decode process it supervises).
 
-GPU memory per process (``gpu_mib``) is read after the timed passes: NVML (pynvml) or nvidia-smi for this
-process's pid, else the whole device's use minus what it was when the worker started. DALI keeps its memory
-pools between configurations, so each worker calls ``nvidia.dali.backend.ReleaseUnusedMemory()`` after
-each. Each case runs in its own worker process (one CUDA context each), one after another.
+GPU memory (``gpu_mib``) is read after the timed passes for the worker process and every process below it
+(NVML or nvidia-smi by pid), else as the device's use minus what it was when the worker started. DALI keeps
+its memory pools between configurations, so each worker calls ``nvidia.dali.backend.ReleaseUnusedMemory()``
+after each. Each case runs in its own worker process (one CUDA context each), one after another.
 
 Writes ``gpu_bench.json`` and ``gpu_bench.md`` to ``--out`` (default ``$OUT``, else bench/results/gpu),
-rewritten after every configuration so a run stopped at its time limit still leaves what it measured.
-``--budget-s`` stops starting new configurations after that many seconds.
+rewritten after every result, so a run stopped at its time limit still leaves what it measured.
+``--budget-s`` stops starting new configurations after that many seconds, and a worker still running
+``--grace-s`` after it is killed (its finished results kept).
 
 The CPU cases depend on glibc's allocator settings (see shared/FIELD-NOTES.md): the results record
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` as they were set.
 
-  python3 bench/gpu/gpu_bench.py --out "$OUT"             # the full run (GPU machine)
-  python3 bench/gpu/gpu_bench.py --smoke --out /tmp/smoke  # tiny corpus, CPU cases only (any machine)
+  python3 bench/gpu/gpu_bench.py --out "$OUT" --budget-s 240  # the device run (bench/gpu/device_run.sh)
+  python3 bench/gpu/gpu_bench.py --smoke --out /tmp/smoke      # tiny corpus, CPU cases only (any machine)
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,9 +81,11 @@ SMOKE_CORPORA = {
     "1080p": {"tars": 1, "per_tar": 4, "size": (1920, 1080), "seed": 0},
 }
 GPU_CASES = ("dali_mixed", "dali_mixed_fancy", "dali_mixed_host", "decoder_gpu")
+CHECK_CASES = ("agreement",)
+HW_LOADS = [0.0, 0.75, 1.0]
 CPU_CASES = ("cpu_threads", "cpu_procs", "dali_cpu")
-DEFAULT_CASES = "dali_mixed,decoder_gpu,cpu_threads,cpu_procs,dali_mixed_fancy"
-SMOKE_CASES = "cpu_threads,cpu_procs,dali_cpu"
+DEFAULT_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu"
+SMOKE_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu,dali_cpu"
 
 
 # -- corpus -------------------------------------------------------------------------------------------------
@@ -185,9 +199,28 @@ def _smi(args: Sequence[str]) -> Optional[str]:
         return None
 
 
+def _descendants(pid: int) -> List[int]:
+    """The pids of every process below ``pid``, read from /proc (a decoder's decode process, say)."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parent_of[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent_of.items() if pp in frontier]
+        found.extend(frontier)
+    return found
+
+
 class GpuMemory:
-    """This process's GPU memory in MiB: NVML by pid, nvidia-smi by pid, else the device's use minus a
-    baseline read when this object was made (before this process touched CUDA)."""
+    """The GPU memory in MiB of this process and every process below it: NVML or nvidia-smi by pid, else the
+    device's use minus a baseline read when this object was made (before this process touched CUDA)."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -211,21 +244,25 @@ class GpuMemory:
         except (ValueError, IndexError):
             return None
 
-    def read(self) -> Tuple[Optional[float], str]:
+    def _by_pid(self) -> Dict[int, float]:
         if self.nvml:
             pynvml, handle = self.nvml
             try:
-                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                    used = getattr(p, "usedGpuMemory", None)
-                    if p.pid == self.pid and isinstance(used, int) and used > 0:
-                        return used / 2**20, "nvml-pid"
+                return {p.pid: (p.usedGpuMemory or 0) / 2**20 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
             except Exception:
                 pass
-        text = _smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
-        for line in (text or "").splitlines():
+        out = {}
+        for line in (_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or "").splitlines():
             parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 2 and parts[0] == str(self.pid) and parts[1].isdigit():
-                return float(parts[1]), "smi-pid"
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                out[int(parts[0])] = float(parts[1])
+        return out
+
+    def read(self) -> Tuple[Optional[float], str]:
+        procs = self._by_pid()
+        if procs:
+            mine = {self.pid, *_descendants(self.pid)}
+            return sum(v for p, v in procs.items() if p in mine), "by-pid-tree"
         now = self._device_mib()
         if now is not None and self.baseline is not None:
             return now - self.baseline, "device-minus-baseline"
@@ -244,6 +281,104 @@ def _release_gpu_pools() -> None:
 
 def _host_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- what the corpus holds, and GPU-vs-CPU agreement ---------------------------------------------------------
+
+
+def jpeg_kind(data: bytes) -> Tuple[str, str]:
+    """``(kind, subsampling)`` from the first frame header: kind ``baseline`` (SOF0: what the GPU's hardware
+    JPEG decoder takes), ``extended`` (SOF1), ``progressive`` (SOF2) or ``other``; subsampling as
+    ``4:2:0``/``4:2:2``/``4:4:4``/``gray``/the sampling factors."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return "other", "?"
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            seg = data[i + 4 : i + 2 + length]
+            n = seg[5] if len(seg) > 5 else 0
+            factors = [(seg[7 + 3 * c] >> 4, seg[7 + 3 * c] & 15) for c in range(n) if 8 + 3 * c < len(seg)]
+            kind = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}[marker]
+            if n == 1:
+                return kind, "gray"
+            if n == 3 and factors[1] == factors[2] == (1, 1):
+                sub = {(2, 2): "4:2:0", (2, 1): "4:2:2", (1, 1): "4:4:4"}.get(factors[0])
+                if sub:
+                    return kind, sub
+            return kind, "x".join(f"{h}{v}" for h, v in factors)
+        if marker in (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDA):
+            return "other", "?"
+        i += 2 + length
+    return "other", "?"
+
+
+def corpus_profile(data: List[bytes]) -> Dict:
+    counts: Dict[str, int] = {}
+    for blob in data:
+        kind, sub = jpeg_kind(blob)
+        counts[f"{kind} {sub}"] = counts.get(f"{kind} {sub}", 0) + 1
+    baseline = sum(v for k, v in counts.items() if k.startswith("baseline "))
+    return {"kinds": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            "baseline_share": round(baseline / max(1, len(data)), 4)}
+
+
+def agreement(data: List[bytes], args, with_exif: bool) -> Dict:
+    """Every image of the corpus through ImageDecoder on the GPU ("cpu" where there is none: the smoke run)
+    and on the CPU, compared chunk by chunk (nothing kept)."""
+    import numpy as np
+
+    from beam_tarimg.decode import ImageDecoder, cuda_device_count
+
+    side = "gpu" if cuda_device_count() else "cpu"
+    t0 = time.perf_counter()
+    gpu = ImageDecoder(max_batch_size=64, num_threads=args.gpu_threads, device=side)
+    cpu = ImageDecoder(max_batch_size=64, num_threads=os.cpu_count() or 1, device="cpu")
+    means, maxima, not_side, shape_diff = [], [], [], 0
+    for start in range(0, len(data), 64):
+        chunk = data[start : start + 64]
+        for k, (g, c) in enumerate(zip(gpu.decode(chunk), cpu.decode(chunk))):
+            if g.decoder != side or c.decoder != "cpu":
+                not_side.append((start + k, g.decoder, g.error, c.decoder, c.error))
+                continue
+            if g.pixels.shape != c.pixels.shape:
+                shape_diff += 1
+                continue
+            d = np.abs(g.pixels.astype(np.int16) - c.pixels.astype(np.int16))
+            means.append(float(d.mean()))
+            maxima.append(int(d.max()))
+    out = {
+        "side": side, "images": len(data), "compared": len(means), "shape_mismatches": shape_diff,
+        "not_decoded_by_both": len(not_side), "not_decoded_examples": [str(x)[:200] for x in not_side[:3]],
+        "max_mean_abs_diff": round(max(means), 4) if means else None,
+        "mean_mean_abs_diff": round(float(np.mean(means)), 4) if means else None,
+        "max_abs_diff": max(maxima) if maxima else None,
+        "identical": sum(1 for m in maxima if m == 0),
+        "over_1": sum(1 for m in means if m > 1.0),
+    }
+    if with_exif:
+        from beam_tarimg.sample import encode_jpeg, photo_like_image
+
+        base = photo_like_image(np.random.default_rng(7), 96, 64)
+        encoded = [encode_jpeg(base, quality=95, exif_orientation=k) for k in range(1, 9)]
+        exif = []
+        for k, g, c in zip(range(1, 9), gpu.decode(encoded), cpu.decode(encoded)):
+            same = g.pixels is not None and c.pixels is not None and g.pixels.shape == c.pixels.shape
+            exif.append({"orientation": k, "shape": None if g.pixels is None else list(g.pixels.shape),
+                         "same_shape": same, "mean_abs_diff": round(float(np.abs(
+                             g.pixels.astype(np.int16) - c.pixels.astype(np.int16)).mean()), 4) if same else None})
+        out["exif"] = exif
+        out["exif_ok"] = all(e["same_shape"] and e["mean_abs_diff"] <= 1.0 for e in exif)
+    out["ok"] = bool(means) and not shape_diff and not not_side and out["max_mean_abs_diff"] <= 1.0 and out.get("exif_ok", True)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    for d in (gpu, cpu):
+        if hasattr(d, "close"):
+            d.close()
+    return out
 
 
 # -- the cases (in a worker process) ------------------------------------------------------------------------
@@ -276,6 +411,14 @@ def bare_pipeline(batches: List[List[bytes]], batch_size: int, threads: int, dec
 
 def run_case(case: str, data: List[bytes], args, emit: Callable[[Dict], None], deadline: float) -> None:
     cpus = os.cpu_count() or 1
+    if case == "agreement":
+        record = {"case": case}
+        try:
+            record.update(agreement(data, args, with_exif=args.corpus == "imagenet"))
+        except Exception as e:
+            record["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        emit(record)
+        return
     mem = GpuMemory() if case in GPU_CASES else None
     loads = args.hw_loads if case in GPU_CASES else [None]
     if case == "dali_mixed_fancy":
@@ -295,8 +438,6 @@ def run_case(case: str, data: List[bytes], args, emit: Callable[[Dict], None], d
             if mem is not None:
                 _release_gpu_pools()
             emit(record)
-        if case == "decoder_gpu" and time.time() < deadline:
-            emit(_bad_image_costs(batches[0], batch_size, args))
 
 
 def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dict:
@@ -305,8 +446,8 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
     out: Dict = {}
     t0 = time.perf_counter()
     if case in ("dali_mixed", "dali_mixed_fancy", "dali_mixed_host", "dali_cpu"):
-        gpu = case != "dali_cpu"
-        threads = args.gpu_threads if gpu else cpus
+        gpu = case != "dali_cpu" and not args.gpu_as_cpu
+        threads = args.gpu_threads if case != "dali_cpu" else cpus
         pipe = bare_pipeline(batches, batch_size, threads, "mixed" if gpu else "cpu", load, case == "dali_mixed_fancy")
         out.update(build_s=round(time.perf_counter() - t0, 3), threads=threads)
         last = {}
@@ -334,6 +475,7 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
         gpu = case == "decoder_gpu"
         kwargs = {"hw_decoder_load": load} if gpu else {}
         threads = args.gpu_threads if gpu else cpus
+        gpu = gpu and not args.gpu_as_cpu
         decoder = ImageDecoder(max_batch_size=batch_size, num_threads=threads, device="gpu" if gpu else "cpu", **kwargs)
         out.update(build_s=round(time.perf_counter() - t0, 3), threads=threads)
         expected = "gpu" if gpu else "cpu"
@@ -349,6 +491,8 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
         if mem:
             out["gpu_mib"], out["gpu_mib_how"] = _round(mem.read())
         out["builds"] = decoder.builds
+        if hasattr(decoder, "close"):  # stops its decode process (and that process's CUDA context), if any
+            decoder.close()
         del decoder
     elif case == "cpu_procs":
         out.update(_cpu_procs(batches, batch_size, args, cpus, warmup))
@@ -361,46 +505,6 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
 def _round(reading):
     value, how = reading
     return (None if value is None else round(value, 1)), how
-
-
-def _bad_image_costs(batch: List[bytes], batch_size: int, args) -> Dict:
-    """What one corrupt image costs ImageDecoder on the GPU (default hw_decoder_load): the rebuild time, and
-    a full batch with one bad image against the same batch clean."""
-    from beam_tarimg.decode import ImageDecoder
-
-    record = {"case": "decoder_gpu_bad_image", "batch_size": batch_size}
-    try:
-        decoder = ImageDecoder(max_batch_size=batch_size, num_threads=args.gpu_threads, device="gpu")
-        rebuilds = []
-        for _ in range(3):
-            t = time.perf_counter()
-            decoder._rebuild()
-            rebuilds.append(time.perf_counter() - t)
-        decoder.decode(batch)
-        clean, bad, builds = [], [], []
-        spoiled = list(batch)
-        spoiled[len(spoiled) // 2] = b"\xff\xd8\xff\xe0 not a jpeg"
-        for _ in range(3):
-            t = time.perf_counter()
-            decoder.decode(batch)
-            clean.append(time.perf_counter() - t)
-            before = decoder.builds
-            t = time.perf_counter()
-            decoder.decode(spoiled)
-            bad.append(time.perf_counter() - t)
-            builds.append(decoder.builds - before)
-        record.update(
-            rebuild_s=round(statistics.median(rebuilds), 4),
-            clean_batch_s=round(statistics.median(clean), 4),
-            batch_with_one_bad_s=round(statistics.median(bad), 4),
-            rebuilds_per_bad_batch=builds[0],
-            images=len(batch),
-        )
-        del decoder
-    except Exception as e:
-        record["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-    _release_gpu_pools()
-    return record
 
 
 def _proc_main(rank: int, nprocs: int, corpus_dir: str, batch_size: int, min_batches: int, runs: int,
@@ -511,6 +615,52 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _best(rows: List[Dict], case: str) -> Optional[Dict]:
+    mine = [r for r in rows if r["case"] == case]
+    return max(mine, key=lambda r: r["marginal"]) if mine else None
+
+
+def summary(report: Dict, corpus: str, rows: List[Dict]) -> List[str]:
+    """The lines that answer the questions: what the corpus holds, whether GPU and CPU agree, and how the
+    decode core compares with the bare pipeline and with the CPU."""
+    spec = report["corpora"].get(corpus, {})
+    prof = spec.get("profile") or {}
+    lines = []
+    if prof:
+        kinds = ", ".join(f"{k} {v}" for k, v in prof["kinds"].items())
+        lines.append(f"- Baseline share (what the hardware JPEG decoder takes): {prof['baseline_share']:.1%} ({kinds}).")
+    agree = [r for r in report["results"] if r.get("corpus") == corpus and r.get("case") == "agreement"]
+    for a in agree:
+        if "error" in a:
+            lines.append(f"- Agreement: error {a['error']}")
+            continue
+        exif = ""
+        if "exif" in a:
+            exif = (f"; EXIF orientations 1-8 {'applied alike' if a['exif_ok'] else 'DIFFER'} (mean |diff| <= "
+                    f"{max((e['mean_abs_diff'] or 0) for e in a['exif']):.3f})")
+        lines.append(
+            f"- Agreement, ImageDecoder {a['side']} vs cpu over {a['images']} images: "
+            f"{'OK' if a['ok'] else 'FAILED'}: {a['compared']} compared, {a['shape_mismatches']} shape mismatches, "
+            f"{a['not_decoded_by_both']} not decoded by both; max per-image mean |diff| {a['max_mean_abs_diff']}, "
+            f"max pixel |diff| {a['max_abs_diff']}, identical {a['identical']}{exif}.")
+    if report["args"].get("gpu_as_cpu"):
+        lines.append("- DRY RUN: no GPU here; the GPU cases below ran their code on the CPU. Not a measurement.")
+    core, bare, cpu = _best(rows, "decoder_gpu"), _best(rows, "dali_mixed"), _best(rows, "cpu_threads")
+    if core and bare:
+        same = [r for r in rows if r["case"] == "dali_mixed" and r["batch_size"] == core["batch_size"]
+                and r["hw_decoder_load"] == core["hw_decoder_load"]]
+        ratio = f"{core['marginal'] / same[0]['marginal']:.2f} x the bare pipeline at that setting, " if same else ""
+        lines.append(f"- Decode core on the GPU, best: {core['marginal']:,.0f} img/s (batch {core['batch_size']}, "
+                     f"hw_decoder_load {core['hw_decoder_load']:g}): {ratio}{core['marginal'] / bare['marginal']:.2f} x "
+                     f"the bare pipeline's best ({bare['marginal']:,.0f} img/s, batch {bare['batch_size']}, load "
+                     f"{bare['hw_decoder_load']:g}).")
+    if cpu:
+        vs = f"; GPU decode core / CPU: {core['marginal'] / cpu['marginal']:.2f} x" if core else ""
+        lines.append(f"- CPU path, {cpu.get('threads')} threads, best: {cpu['marginal']:,.0f} img/s (batch "
+                     f"{cpu['batch_size']}){vs}.")
+    return lines + ([""] if lines else [])
+
+
 def markdown(report: Dict) -> str:
     env = report["environment"]
     lines = [
@@ -520,7 +670,7 @@ def markdown(report: Dict) -> str:
         f"numpy {env.get('numpy')}; Pillow {env.get('PIL')}.",
         f"MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_')}, MALLOC_TRIM_THRESHOLD_={env.get('MALLOC_TRIM_THRESHOLD_')}. "
         f"Median of {report['args']['runs']} passes after a warm-up; rate = images/pass time, marginal = after each "
-        "pass's first quarter of batches. GPU MiB: this process after the passes (how: see JSON).",
+        "pass's first quarter of batches. GPU MiB: the worker and its child processes after the passes (how: see JSON).",
         "",
     ]
     records = [r for r in report["results"] if "rate" in r]
@@ -528,6 +678,7 @@ def markdown(report: Dict) -> str:
         spec = report["corpora"].get(corpus, {})
         rows = [r for r in records if r["corpus"] == corpus]
         lines += [f"## {corpus} ({spec.get('images')} images, {spec.get('mb', 0):.0f} MB of JPEG)", ""]
+        lines += summary(report, corpus, rows)
         gpu_rows = [r for r in rows if r["case"] in GPU_CASES]
         loads = sorted({r["hw_decoder_load"] for r in gpu_rows})
         if gpu_rows:
@@ -550,13 +701,6 @@ def markdown(report: Dict) -> str:
                 f"{_fmt(r.get('build_s'))} | {_fmt(r.get('gpu_mib'))} | "
                 f"{_fmt(r.get('proc_rss_peak_mib') or r.get('host_rss_peak_mib'))} |"
             )
-        bad = [r for r in report["results"] if r["corpus"] == corpus and r["case"] == "decoder_gpu_bad_image" and "rebuild_s" in r]
-        if bad:
-            lines += ["", "One corrupt image on the GPU (ImageDecoder, default hw_decoder_load):", "",
-                      "| batch | rebuild s | clean batch s | batch with one bad s | rebuilds |", "| --- | --- | --- | --- | --- |"]
-            for r in bad:
-                lines.append(f"| {r['batch_size']} | {r['rebuild_s']} | {r['clean_batch_s']} | "
-                             f"{r['batch_with_one_bad_s']} | {r['rebuilds_per_bad_batch']} |")
         lines.append("")
     problems = [r for r in report["results"] if "error" in r or "skipped" in r]
     if problems:
@@ -578,8 +722,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny corpora, CPU cases only, small batches")
     ap.add_argument("--cases", type=_csv(str), default=None, help=f"default {DEFAULT_CASES}")
     ap.add_argument("--corpora", type=_csv(str), default=["imagenet", "1080p"])
-    ap.add_argument("--batch-sizes", type=_csv(int), default=None, help="default 64,128,256,512")
-    ap.add_argument("--hw-loads", type=_csv(float), default=[0.0, 0.5, 0.75, 0.9, 1.0])
+    ap.add_argument("--batch-sizes", type=_csv(int), default=None, help="default 128,512")
+    ap.add_argument("--hw-loads", type=_csv(float), default=HW_LOADS, help="default 0,0.75,1 (--smoke: 0,1)")
     ap.add_argument("--fancy-loads", type=_csv(float), default=[0.9], help="loads for dali_mixed_fancy")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup-batches", type=int, default=3)
@@ -587,24 +731,29 @@ def parse_args(argv=None):
     ap.add_argument("--gpu-threads", type=int, default=0,
                     help="DALI num_threads for the GPU cases (default: one per core, as ReadImagesFromTars does)")
     ap.add_argument("--procs", type=int, default=0, help="processes for cpu_procs (default: one per core)")
-    ap.add_argument("--budget-s", type=float, default=480, help="start no configuration after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=240, help="start no configuration after this many seconds")
+    ap.add_argument("--grace-s", type=float, default=45,
+                    help="kill a worker still running this long after --budget-s (its finished results are kept)")
     # worker-only
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpus-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-as-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cases is None:
         args.cases = _csv(str)(SMOKE_CASES if args.smoke else DEFAULT_CASES)
     if args.batch_sizes is None:
-        args.batch_sizes = [8, 16] if args.smoke else [64, 128, 256, 512]
+        args.batch_sizes = [8, 16] if args.smoke else [128, 512]
     args.gpu_threads = args.gpu_threads or os.cpu_count() or 1
     if args.smoke:
         args.procs = args.procs or min(2, os.cpu_count() or 1)
+        if args.hw_loads == HW_LOADS:
+            args.hw_loads = [0.0, 1.0]
         args.min_batches = min(args.min_batches, 4)
-    unknown = set(args.cases) - set(GPU_CASES) - set(CPU_CASES)
+    unknown = set(args.cases) - set(GPU_CASES) - set(CPU_CASES) - set(CHECK_CASES)
     if unknown:
-        ap.error(f"unknown cases {sorted(unknown)}; known: {GPU_CASES + CPU_CASES}")
+        ap.error(f"unknown cases {sorted(unknown)}; known: {CHECK_CASES + GPU_CASES + CPU_CASES}")
     return args
 
 
@@ -624,8 +773,12 @@ def main(argv=None) -> int:
     from beam_tarimg.decode import cuda_device_count
 
     if cuda_device_count() == 0 and any(c in GPU_CASES for c in args.cases):
-        log("no CUDA device visible: GPU cases dropped")
-        args.cases = [c for c in args.cases if c not in GPU_CASES]
+        if args.smoke:
+            args.gpu_as_cpu = True
+            log("no CUDA device visible: the GPU cases run their code on the CPU (a dry run, not a measurement)")
+        else:
+            log("no CUDA device visible: GPU cases dropped")
+            args.cases = [c for c in args.cases if c not in GPU_CASES]
 
     report = {"environment": environment(), "args": vars(args).copy(), "corpora": {}, "results": []}
     report["args"].pop("deadline", None)
@@ -635,7 +788,10 @@ def main(argv=None) -> int:
         folders[name] = build_corpus(args.work, name, specs[name], log)
         tars = [os.path.join(folders[name], t) for t in os.listdir(folders[name]) if t.endswith(".tar")]
         report["corpora"][name] = {"folder": folders[name], "images": specs[name]["tars"] * specs[name]["per_tar"],
-                                   "mb": sum(os.path.getsize(t) for t in tars) / 1e6}
+                                   "mb": sum(os.path.getsize(t) for t in tars) / 1e6,
+                                   "profile": corpus_profile(load_corpus(folders[name]))}
+        log(f"{name}: baseline share {report['corpora'][name]['profile']['baseline_share']:.1%} "
+            f"{report['corpora'][name]['profile']['kinds']}")
 
     def save() -> None:
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
@@ -656,8 +812,12 @@ def main(argv=None) -> int:
                    "--hw-loads", ",".join(map(str, args.hw_loads)), "--fancy-loads", ",".join(map(str, args.fancy_loads)),
                    "--runs", str(args.runs), "--warmup-batches", str(args.warmup_batches),
                    "--min-batches", str(args.min_batches), "--gpu-threads", str(args.gpu_threads),
-                   "--procs", str(args.procs)]
+                   "--procs", str(args.procs)] + (["--gpu-as-cpu"] if args.gpu_as_cpu else [])
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+            # A configuration started just before the deadline may run on; past the grace it is cut off.
+            killer = threading.Timer(max(1.0, deadline + args.grace_s - time.time()), proc.kill)
+            killer.daemon = True
+            killer.start()
             got = 0
             for line in proc.stdout:
                 if not line.startswith(RESULT):
@@ -666,13 +826,16 @@ def main(argv=None) -> int:
                 record = json.loads(line[len(RESULT):])
                 report["results"].append(record)
                 got += 1
-                if "rate" in record:
+                if record.get("case") == "agreement":
+                    log(f"  agreement: {json.dumps({k: v for k, v in record.items() if k not in ('exif', 'corpus')})}")
+                elif "rate" in record:
                     log(f"  {case} batch {record['batch_size']} load {record.get('hw_decoder_load')}: "
                         f"{record['rate']:,.0f} img/s, marginal {record['marginal']:,.0f}, GPU {record.get('gpu_mib')} MiB")
                 else:
                     log(f"  {json.dumps(record)}")
                 save()
             rc = proc.wait()
+            killer.cancel()
             if rc != 0:
                 report["results"].append({"corpus": name, "case": case, "error": f"worker exited with {rc} after {got} results"})
                 log(f"  worker exited with {rc}")

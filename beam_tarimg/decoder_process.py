@@ -1,0 +1,419 @@
+"""The decoder's own process: one ``DaliDecoder`` in a child process that the calling process supervises.
+
+DALI can crash (segfault, abort) rather than raise on some damaged JPEGs, and no process survives its own
+segfault. So the pipeline (and its GPU context) lives in a child started with ``python -m
+beam_tarimg.decoder_process`` (a fresh interpreter: nothing is forked from a process with DALI or CUDA threads).
+This module owns the child's whole life: start, feed, read, notice its death, restart, stop.
+
+Protocol, over a Unix socket pair (length-prefixed pickles; only small metadata and the encoded bytes travel
+in them, never pixels):
+
+1. parent -> child: the ``DaliDecoder`` arguments; child -> parent: ``("ready", builds)`` or ``("error", text)``.
+2. parent -> child: ``("decode", [bytes, ...], [dali_rejects reason or None, ...], [slot ids to unmap])``; the
+   child decodes them with the same ``DaliDecoder.decode`` that runs in-process and answers ``("decoded", [(shape|None, decoder, error)], builds)``.
+3. If any pixels came out, parent -> child: ``("write", slot id, slot size, is_new)`` (a new slot's memfd follows
+   as SCM_RIGHTS ancillary data); the child copies the pixels, one after the other, into that shared-memory
+   slot and answers ``("written",)``. This copy is the only one: the parent hands out views of the slot.
+
+A slot (a ``memfd``, so no /dev/shm size limit applies and nothing leaks if either side dies) is reused once no
+view of its last run is alive (a weak reference to the run's base array tells); free slots beyond
+``max_free_bytes`` are unmapped. If the child dies, times out, or breaks the protocol, the run raises
+``DecoderCrashed`` and the next run starts a new child.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import mmap
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from beam_tarimg.decode import DecodeOutcome
+
+_LOG = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!Q")
+_MAX_MESSAGE = 1 << 34  # a sanity bound on one message (16 GiB): anything larger is a broken stream
+START_TIMEOUT_S = 300.0  # importing DALI and building a pipeline (a GPU context included) on a busy machine
+_MIN_SLOT = 16 << 20
+
+
+class DecoderCrashed(Exception):
+    """The decoder process died, timed out or broke the protocol during a run. ``str()`` says how."""
+
+
+def _send(sock: socket.socket, obj, deadline: Optional[float] = None) -> None:
+    payload = pickle.dumps(obj, protocol=5)
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
+    sock.sendall(_HEADER.pack(len(payload)))
+    sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("the other side closed the connection")
+        got += k
+    return buf
+
+
+def _recv(sock: socket.socket, deadline: Optional[float] = None):
+    (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline))
+    if n > _MAX_MESSAGE:
+        raise EOFError(f"message of {n} bytes: the stream is broken")
+    return pickle.loads(_recv_exact(sock, n, deadline))
+
+
+class _Slot:
+    """One shared-memory buffer: a memfd mapped here, reused when no view of its last run is alive."""
+
+    __slots__ = ("id", "fd", "mm", "size", "run", "__weakref__")
+
+    def __init__(self, slot_id: int, size: int):
+        self.id = slot_id
+        self.size = size
+        self.fd = os.memfd_create(f"beam_tarimg-{slot_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.run: Optional[weakref.ref] = None  # the base array of the run it holds
+
+    @property
+    def free(self) -> bool:
+        return self.run is None or self.run() is None
+
+    def close(self) -> None:
+        self.run = None
+        self.mm.close()
+        os.close(self.fd)
+
+
+def _signal_name(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class DecoderProcess:
+    """Runs ``DaliDecoder`` runs in a supervised child process; see the module docstring.
+
+    ``decode()`` returns the outcomes of one run, pixels as views of shared memory, or raises
+    ``DecoderCrashed``. Not thread-safe by itself (``ImageDecoder`` holds a lock around it).
+    ``builds`` counts DALI pipelines built over all the children; ``starts`` counts the children started.
+    """
+
+    def __init__(self, config: dict, run_timeout_s: float, max_free_bytes: int = 1 << 30):
+        self._config = dict(config)
+        self._run_timeout_s = float(run_timeout_s)
+        self._max_free_bytes = int(max_free_bytes)
+        self._proc: Optional[subprocess.Popen] = None
+        self._sock: Optional[socket.socket] = None
+        self._slots: Dict[int, _Slot] = {}
+        self._mapped: set = set()  # slot ids the current child has mapped
+        self._unmap: List[int] = []  # slot ids the current child should unmap
+        self._next_slot = 0
+        self._builds_before = 0  # builds by children that are gone
+        self._builds_now = 0
+        self.starts = 0
+        self._close_lock = threading.Lock()
+        self._start()  # fail now, not at the first run, if DALI cannot start here
+        _finalizers.add(self)
+
+    @property
+    def builds(self) -> int:
+        return self._builds_before + self._builds_now
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._proc is None else self._proc.pid
+
+    # -- the child's life cycle ---------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        # The child imports beam_tarimg from wherever this process did (staged packages on a Beam worker).
+        # Buffers of 4 MiB and more (the pixels of large images) come from mmap and go back to the system when
+        # freed, so the decoder process does not keep the peak of its largest runs (glibc otherwise raises its
+        # mmap threshold after each free, up to 32 MiB, and keeps such buffers on its heaps). Smaller ones, the
+        # ImageNet-sized outputs of every run, stay on the heap, reused without page faults (FIELD-NOTES).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+        try:
+            stdout = sys.stderr.fileno()  # DALI's messages go to stderr; nothing may write to our stdout
+        except (AttributeError, OSError, ValueError):
+            stdout = subprocess.DEVNULL
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "beam_tarimg.decoder_process", str(child.fileno()), str(os.getpid())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                env=env,
+            )
+        finally:
+            child.close()
+        self._sock = parent
+        self._mapped = set()
+        self._unmap = []
+        self.starts += 1
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            _send(parent, self._config, deadline)
+            reply = _recv(parent, deadline)
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            reason = self._reap(f"{type(e).__name__}: {e}")
+            raise RuntimeError(f"the DALI decoder process did not start: {reason}") from None
+        if reply[0] != "ready":
+            self._reap("refused to start")
+            raise RuntimeError(f"the DALI decoder process could not build its pipeline: {reply[1]}")
+        self._builds_now = reply[1]
+
+    def _reap(self, why: str) -> str:
+        """Ends the child (killing it if it still runs) and says how it ended."""
+        proc, sock = self._proc, self._sock
+        self._proc = self._sock = None
+        self._builds_before += self._builds_now
+        self._builds_now = 0
+        if sock is not None:
+            sock.close()
+        if proc is None:
+            return why
+        killed = False
+        try:
+            returncode = proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            killed = True
+            returncode = proc.wait()
+        if killed:
+            return why
+        return f"{_signal_name(returncode)}" if returncode < 0 else f"{why}, {_signal_name(returncode)}"
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+
+    def decode(self, encoded: Sequence[bytes], rejects: Sequence[Optional[str]]) -> List[DecodeOutcome]:
+        """Decodes one run (``rejects``: ``DaliDecoder.decode``'s) in the decoder process."""
+        if self._proc is None:
+            self._start()
+        sock = self._sock
+        deadline = time.monotonic() + self._run_timeout_s
+        slot = None
+        try:
+            unmap, self._unmap = self._unmap, []
+            _send(sock, ("decode", [bytes(b) for b in encoded], list(rejects), unmap), deadline)
+            self._mapped.difference_update(unmap)
+            reply = _recv(sock, deadline)
+            if reply[0] != "decoded":
+                raise EOFError(f"unexpected reply {reply[0]!r}: {reply[1] if len(reply) > 1 else ''}")
+            meta, self._builds_now = reply[1], reply[2]
+            if len(meta) != len(encoded):
+                raise EOFError(f"{len(meta)} outcomes for {len(encoded)} images")
+            total = sum(int(np.prod(shape)) for shape, _, _ in meta if shape is not None)
+            if not total:
+                return [DecodeOutcome(None, None, error) for _, _, error in meta]
+            slot = self._take_slot(total)
+            new = slot.id not in self._mapped
+            _send(sock, ("write", slot.id, slot.size, new), deadline)
+            if new:
+                socket.send_fds(sock, [b"F"], [slot.fd])
+                self._mapped.add(slot.id)
+            reply = _recv(sock, deadline)
+            if reply[0] != "written":
+                raise EOFError(f"unexpected reply {reply[0]!r}")
+        except socket.timeout:
+            self._proc.kill()
+            self._reap("timed out")
+            raise DecoderCrashed(
+                f"decoder process timed out after {self._run_timeout_s:g} s (killed)"
+            ) from None
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError, TypeError) as e:
+            reason = self._reap(f"{type(e).__name__}: {e}")
+            raise DecoderCrashed(f"decoder process crashed ({reason})") from None
+        base = np.frombuffer(slot.mm, dtype=np.uint8, count=total)
+        slot.run = weakref.ref(base)
+        outcomes = []
+        offset = 0
+        for shape, decoder, error in meta:
+            if shape is None:
+                outcomes.append(DecodeOutcome(None, None, error))
+                continue
+            n = int(np.prod(shape))
+            outcomes.append(DecodeOutcome(base[offset : offset + n].reshape(shape), decoder, None))
+            offset += n
+        return outcomes
+
+    def _take_slot(self, size: int) -> _Slot:
+        """The smallest free slot that holds ``size`` bytes, or a new one; trims free slots beyond the bound."""
+        free = [s for s in self._slots.values() if s.free]
+        fitting = [s for s in free if s.size >= size]
+        if fitting:
+            slot = min(fitting, key=lambda s: s.size)
+        else:
+            slot = _Slot(self._next_slot, max(_MIN_SLOT, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE))
+            self._next_slot += 1
+            self._slots[slot.id] = slot
+        others = sorted((s for s in free if s is not slot), key=lambda s: s.size)
+        held = sum(s.size for s in others)
+        while others and held > self._max_free_bytes:
+            victim = others.pop()  # the largest free slot first
+            held -= victim.size
+            del self._slots[victim.id]
+            victim.close()
+            if victim.id in self._mapped:
+                self._unmap.append(victim.id)
+        return slot
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._sock is not None:
+                try:
+                    _send(self._sock, ("close",))
+                except OSError:
+                    pass
+            self._reap("closed")
+            for slot in list(self._slots.values()):
+                if slot.free:
+                    slot.close()
+            self._slots.clear()
+
+
+# Children are stopped at interpreter exit (they also die with this process: see _child_main).
+_finalizers: "weakref.WeakSet[DecoderProcess]" = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for process in list(_finalizers):
+        try:
+            process.close()
+        except Exception:  # best effort at exit
+            pass
+
+
+atexit.register(_close_all)
+
+
+# -- the child ------------------------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ends this process soon after its parent is gone (a worker killed mid-run leaves no decoder behind).
+
+    Idle, the decoder reads EOF from its socket when the parent dies; busy inside DALI it does not, so a
+    daemon thread watches the parent pid. (Not ``PR_SET_PDEATHSIG``: it fires when the *thread* that started
+    the child exits, and Beam runs ``setup()`` on pool threads that come and go.)
+    """
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="beam_tarimg-parent-watch", daemon=True).start()
+
+
+# A crash on request, for testing the supervision with a real signal in the real decoder process (as browsers
+# have crash pages): "SIGSEGV:<hex bytes>" makes the decoder process kill itself with that signal when a run
+# holds an image containing those bytes. Read once, when the decoder process starts; unset in normal use.
+CRASH_TEST_ENV = "BEAM_TARIMG_TEST_CRASH_ON"
+
+
+def _crash_request():
+    spec = os.environ.get(CRASH_TEST_ENV)
+    if not spec:
+        return None
+    name, _, marker = spec.partition(":")
+    return signal.Signals[name], bytes.fromhex(marker)
+
+
+def _child_main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    _die_with_parent(int(sys.argv[2]))
+    crash_request = _crash_request()
+    sock = socket.socket(fileno=fd)
+    from beam_tarimg.decode import DaliDecoder
+
+    config = _recv(sock)
+    try:
+        decoder = DaliDecoder(**config)
+    except Exception as e:
+        _send(sock, ("error", f"{type(e).__name__}: {e}"))
+        return
+    _send(sock, ("ready", decoder.builds))
+    maps: Dict[int, mmap.mmap] = {}
+    while True:
+        try:
+            message = _recv(sock)
+        except EOFError:
+            return
+        if message[0] == "close":
+            return
+        _, encoded, rejects, unmap = message
+        for slot_id in unmap:
+            mm = maps.pop(slot_id, None)
+            if mm is not None:
+                mm.close()
+        if crash_request is not None and any(crash_request[1] in blob for blob in encoded):
+            os.kill(os.getpid(), crash_request[0])
+        outcomes = decoder.decode(encoded, rejects)
+        meta = [
+            (None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None)
+            for o in outcomes
+        ]
+        _send(sock, ("decoded", meta, decoder.builds))
+        if not any(o.pixels is not None for o in outcomes):
+            continue
+        _, slot_id, size, new = _recv(sock)
+        if new:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+            old = maps.pop(slot_id, None)
+            if old is not None:
+                old.close()
+            maps[slot_id] = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(fds[0])
+        out = np.frombuffer(maps[slot_id], dtype=np.uint8)
+        offset = 0
+        for o in outcomes:
+            if o.pixels is not None:
+                n = o.pixels.size
+                np.copyto(out[offset : offset + n].reshape(o.pixels.shape), o.pixels)
+                offset += n
+        del out, outcomes  # release the map's buffer and DALI's output before the next run
+        _send(sock, ("written",))
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]))
