@@ -29,7 +29,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, JpegHeader, image_dimensions, parse_jpeg
+from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS, JpegHeader, image_dimensions, parse_jpeg
 
 _LOG = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ def claimed_bytes(data: bytes, header: Optional[JpegHeader] = None) -> int:
     return 0 if dims is None else dims[0] * dims[1] * 3
 
 
+def _refusal(header: Optional[JpegHeader], size: int, max_pixels: int) -> Optional[str]:
+    """Why an image is not decoded at all (over ``max_pixels``, or ``JpegHeader.implausible``), or None."""
+    if size > max_pixels * 3:
+        return f"not decoded: the header claims {size // 3} pixels, over max_pixels={max_pixels}"
+    reason = header.implausible() if header is not None else None
+    return None if reason is None else f"not decoded: {reason}"
+
+
 def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
     """``jpeg.dali_rejects`` from a parsed header (None: the bytes are no JPEG)."""
     return "not a JPEG (no start-of-image marker)" if header is None else header.dali_rejects()
@@ -138,6 +146,8 @@ class ImageDecoder:
         ``"none"`` runs them in the calling process (a crash there kills it). See the module docstring.
       run_timeout_s: with ``isolation="process"``, a run that takes longer kills the child and is treated
         as a crash (split, the culprit a failure ``"decoder process timed out ..."``).
+      max_scans: an image with more scans, or whose header claims more pixels than ``max_pixels`` or than
+        its bytes can code (``jpeg.implausible``), is refused (an error outcome) without being decoded.
 
     ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
     ``builds`` counts the DALI pipelines built (one per decoder process started, plus one per bad batch);
@@ -147,6 +157,10 @@ class ImageDecoder:
     whole run; with ``"none"``, views of DALI's output buffer of the run. Either way an image kept after its
     batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
     """
+
+    # False only to measure the crash containment on what the structure check would keep from DALI (the fuzz
+    # harness does): every input then goes to DALI first.
+    _check_before_dali = True
 
     def __init__(
         self,
@@ -160,6 +174,7 @@ class ImageDecoder:
         max_run_bytes: int = DEFAULT_MAX_RUN_BYTES,
         isolation: str = "process",
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
+        max_scans: int = DEFAULT_MAX_SCANS,
     ):
         if max_run_bytes < 1:
             raise ValueError(f"max_run_bytes must be >= 1, got {max_run_bytes!r}")
@@ -179,6 +194,8 @@ class ImageDecoder:
         DaliDecoder.check_args(**config)
         self.max_batch_size = int(max_batch_size)
         self.max_run_bytes = int(max_run_bytes)
+        self.max_pixels = max_pixels
+        self.max_scans = int(max_scans)
         # DALI's CPU decoder holds about twice a run's pixels at its peak (measured: 2.4x for runs of 45 MB of
         # 3 MP images), and in the decoder process the shared-memory copy adds one more: runs are planned at a
         # half (in-process) or a quarter (decoder process) of the budget.
@@ -212,12 +229,26 @@ class ImageDecoder:
         """Decodes run by run, yielding ``(indices, outcomes)`` for each run as it is done, so that a caller
         can hand each run's images on before the next run is decoded (what bounds memory: see
         ``max_run_bytes``)."""
-        # One walk over each image's markers gives both its size (for the plan) and what DALI must not see.
-        headers = [parse_jpeg(blob) for blob in encoded]
+        # One walk over each image's markers gives its size (for the plan), what DALI must not see, and what
+        # is refused without decoding (the read stage of the transforms has refused those already).
+        headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
         sizes = [claimed_bytes(blob, header) for blob, header in zip(encoded, headers)]
-        rejects = [dali_rejects(header) for header in headers]
+        rejects = [dali_rejects(header) if self._check_before_dali else None for header in headers]
+        refused = {}
+        for i, (header, size) in enumerate(zip(headers, sizes)):
+            reason = _refusal(header, size, self.max_pixels)
+            if reason is not None:
+                refused[i] = DecodeOutcome(None, None, reason)
         del headers
+        if refused:
+            yield list(refused), list(refused.values())
+            keep = [i for i in range(len(encoded)) if i not in refused]
+            sizes = [sizes[i] for i in keep]
+        else:
+            keep = None
         for run in plan_runs(sizes, self.max_batch_size, self._plan_bytes):
+            if keep is not None:
+                run = [keep[p] for p in run]
             with self._lock:
                 if self._process is None:
                     run_outcomes = self._local.decode([encoded[i] for i in run], [rejects[i] for i in run])

@@ -68,6 +68,7 @@ class _DecodeConfig:
     max_run_bytes: int
     isolation: str
     run_timeout_s: float
+    max_scans: int
 
     def make_decoder(self) -> ImageDecoder:
         threads = self.num_threads or _usable_cores()
@@ -82,6 +83,7 @@ class _DecodeConfig:
             max_run_bytes=self.max_run_bytes,
             isolation=self.isolation,
             run_timeout_s=self.run_timeout_s,
+            max_scans=self.max_scans,
         )
 
 
@@ -323,6 +325,7 @@ class ReadAllImagesFromTars(beam.PTransform):
             max_run_bytes=max_run_bytes,
             isolation=isolation,
             run_timeout_s=float(run_timeout_s),
+            max_scans=max_scans,
         )
         self._redistribute = redistribute
         self._accelerator = accelerator

@@ -186,14 +186,16 @@ def pillow_rgb(data: bytes) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int) -> None:
+def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, unchecked: bool = False) -> None:
     """Decodes the batches pickled at ``in_path``; appends one JSON line per finished batch to ``out_path``
-    (flushed, so that the parent knows which batch was in flight when this process died)."""
+    (flushed, so that the parent knows which batch was in flight when this process died). ``unchecked``: give
+    DALI every input first, bypassing ``jpeg.dali_rejects``, so that DALI's crashes reach the containment."""
     from beam_tarimg.decode import ImageDecoder
 
     with open(in_path, "rb") as f:
         batches: List[List[Tuple[str, bytes]]] = pickle.load(f)
     decoder = ImageDecoder(max_batch_size=batch_size, num_threads=num_threads, device="cpu")
+    decoder._check_before_dali = not unchecked
     with open(out_path, "a") as out:
         for b, batch in enumerate(batches):
             start = time.perf_counter()
@@ -230,7 +232,7 @@ def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int) -
 
 
 def run_core(items: Sequence[Item], work: str, batch_size: int, batches_per_process: int, timeout: float,
-             num_threads: int, log) -> Dict:
+             num_threads: int, log, unchecked: bool = False) -> Dict:
     """Runs every batch of ``items`` through the decode core, ``batches_per_process`` batches per child; a
     child that dies (or hangs past ``timeout``) costs its batch in flight, recorded, and a new child goes on."""
     batches = [[(it.kind, it.data) for it in items[i : i + batch_size]] for i in range(0, len(items), batch_size)]
@@ -248,6 +250,8 @@ def run_core(items: Sequence[Item], work: str, batch_size: int, batches_per_proc
             pickle.dump([batches[b] for b in chunk], f)
         cmd = [sys.executable, "-m", "bench.fuzz", "--_core-child", in_path, out_path,
                "--batch-size", str(batch_size), "--num-threads", str(num_threads)]
+        if unchecked:
+            cmd.append("--_unchecked")
         res = run_process(cmd, timeout, out_path + ".stdout", out_path + ".stderr")
         report["processes"] += 1
         report["peak_rss_mb"] = max(report["peak_rss_mb"], res.maxrss_mb)
@@ -531,6 +535,19 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict:
         c = report["core"]
         log(f"  core: {c['batches']} batches in {c['processes']} processes, {len(c['crashes'])} crashed, "
             f"{len(c['hangs'])} hung, {len(c['violations'])} invariant violations, {c['seconds']} s")
+    if args.unchecked_batches:
+        # The structure check keeps every known crasher from DALI, so the pass above rarely crashes it: this
+        # one gives DALI the first batches unfiltered, so that its crashes really reach the containment.
+        items = plan.items[: args.unchecked_batches * args.batch_size]
+        log(f"core, structure check bypassed: {len(items)} inputs in batches of {args.batch_size}")
+        core_dir = os.path.join(work, "core-unchecked")
+        os.makedirs(core_dir, exist_ok=True)
+        report["core_unchecked"] = run_core(items, core_dir, args.batch_size, args.batches_per_process,
+                                            args.core_timeout, args.num_threads, log, unchecked=True)
+        c = report["core_unchecked"]
+        log(f"  core, unchecked: {c['batches']} batches, {c['decoder_crashes_contained']} decoder crashes "
+            f"contained, {len(c['crashes'])} killed the calling process, {len(c['violations'])} invariant "
+            f"violations, {c['seconds']} s")
     if not args.skip_job:
         jobs = []
         per_job = max(1, args.jpeg_tars_per_job)
@@ -579,13 +596,15 @@ def _verdict(report: Dict) -> None:
             if acc[key]:
                 problems.append(f"job {job['name']}: {acc[key]} {key.replace('_', ' ')}")
     core = report["core"]
-    if core is not None:
-        if core["crashes"]:
-            problems.append(f"decode core: {len(core['crashes'])} batches killed the calling process")
-        if core["hangs"]:
-            problems.append(f"decode core: {len(core['hangs'])} batches hung")
-        if core["violations"]:
-            problems.append(f"decode core: {len(core['violations'])} invariant violations")
+    for label, c in (("decode core", core), ("decode core, check bypassed", report.get("core_unchecked"))):
+        if c is None:
+            continue
+        if c["crashes"]:
+            problems.append(f"{label}: {len(c['crashes'])} batches killed the calling process")
+        if c["hangs"]:
+            problems.append(f"{label}: {len(c['hangs'])} batches hung")
+        if c["violations"]:
+            problems.append(f"{label}: {len(c['violations'])} invariant violations")
     report.update({
         "job_runs": len(jobs),
         "job_exit_codes": [j["exit_code"] for j in jobs],
@@ -625,6 +644,14 @@ def print_report(r: Dict) -> None:
                 f"{k} {v}" for k, v in sorted(c["batches_killed_with_kind"].items(), key=lambda kv: -kv[1])))
         for v in c["violations"][:5]:
             print(f"    {v}")
+    u = r.get("core_unchecked")
+    if u is not None:
+        print(f"  core, unchecked  {u['batches']} batches of {r['batch_size']} given to DALI unfiltered, "
+              f"{u['seconds']} s: decoder crashes contained {u['decoder_crashes_contained']}, "
+              f"{len(u['crashes'])} batches killed the calling process, {len(u['hangs'])} hung, "
+              f"{len(u['violations'])} invariant violations")
+        for v in u["violations"][:5]:
+            print(f"    {v}")
     print(f"  job runs         {r['job_runs']}, exit codes {r['job_exit_codes']}, hangs {r['hangs']}")
     for j in r["jobs"]:
         a = j["accounting"]
@@ -653,14 +680,14 @@ def print_report(r: Dict) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="same seed, same mutants (default 0)")
-    p.add_argument("--jpeg-mutants", type=int, default=2000, help="JPEG mutants (default 2000)")
-    p.add_argument("--tar-mutants", type=int, default=300, help="mutated tars, one mutation each (default 300)")
+    p.add_argument("--jpeg-mutants", type=int, default=6000, help="JPEG mutants (default 6000)")
+    p.add_argument("--tar-mutants", type=int, default=900, help="mutated tars, one mutation each (default 900)")
     p.add_argument("--batch-size", type=int, default=64, help="decode batch, core and job (default 64)")
     p.add_argument("--num-threads", type=int, default=2, help="DALI threads, core and job (default 2)")
     p.add_argument("--batches-per-process", type=int, default=8, help="decode-core batches per child (default 8)")
     p.add_argument("--members-per-tar", type=int, default=160, help="JPEG members per tar of mutants (160)")
-    p.add_argument("--jpeg-tars-per-job", type=int, default=6, help="tars of JPEG mutants per job run (6)")
-    p.add_argument("--tar-mutants-per-job", type=int, default=150, help="mutated tars per job run (150)")
+    p.add_argument("--jpeg-tars-per-job", type=int, default=12, help="tars of JPEG mutants per job run (12)")
+    p.add_argument("--tar-mutants-per-job", type=int, default=300, help="mutated tars per job run (300)")
     p.add_argument("--job-timeout", type=float, default=240.0, help="seconds before a job counts as hung (240)")
     p.add_argument("--core-timeout", type=float, default=240.0,
                    help="seconds before a decode-core child counts as hung (240)")
@@ -670,7 +697,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--work", default=None, help="folder for tars and outputs (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the tars and the job outputs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
+    p.add_argument("--unchecked-batches", type=int, default=24,
+                   help="decode-core batches given to DALI with the structure check bypassed, so that DALI's "
+                        "crashes reach the containment (default 24; 0: none)")
     p.add_argument("--_core-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_unchecked", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("jpeg_mutants", "tar_mutants"):
         if getattr(args, name) < 0:
@@ -685,7 +716,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._core_child:
-        core_child(*args._core_child, batch_size=args.batch_size, num_threads=args.num_threads)
+        core_child(*args._core_child, batch_size=args.batch_size, num_threads=args.num_threads,
+                   unchecked=args._unchecked)
         return 0
     # SIGTERM as an exception, so that the finally blocks kill the process groups this harness started.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -247,3 +247,20 @@ def test_decoder_process__a_batch_that_really_crashes_dali_is_reported_and_the_n
         (good,) = decoder.decode([jpeg])
         assert np.array_equal(good.pixels, pillow_rgb(jpeg))
     print(f"\n{crashed} of 3 runs of 64 stray-SOI JPEGs crashed the decoder process")
+
+
+def test_decoder__refuses_without_decoding_what_claims_more_than_it_can_hold():
+    jpeg = make_jpeg(40, 16, 16, grayscale=True, quality=75)
+    sof = jpeg.index(b"\xff\xc0")
+    bomb = jpeg[: sof + 5] + (9400).to_bytes(2, "big") + (9400).to_bytes(2, "big") + jpeg[sof + 9 :]
+    big = make_jpeg(3, 300, 200)
+    good = make_jpeg(1)
+    decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu")  # 9400x9400 is under max_pixels
+    out = decoder.decode([bomb, good])
+    assert out[0].pixels is None and "claims 9400x9400" in out[0].error and out[0].error.startswith("not decoded")
+    assert np.array_equal(out[1].pixels, pillow_rgb(good))
+    small = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu", max_pixels=50_000)
+    out = small.decode([big, good])
+    assert out[0].pixels is None and "max_pixels=50000" in out[0].error
+    assert np.array_equal(out[1].pixels, pillow_rgb(good))
+    assert decoder.builds == 1 and small.builds == 1  # nothing refused went to DALI

@@ -35,6 +35,8 @@ from beam_tarimg.decode import ImageDecoder, cuda_device_count, resolve_device
 from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image
 from beam_tarimg.tario import read_tar
 from beam_tarimg.types import EncodedBatch
+from bench.gpu.gpu_bench import nvidia_smi
+from bench.measure import descendants
 
 CUDA_DEVICES = cuda_device_count()
 # A dry run of these tests' own code where there is no GPU (bench/gpu/smoke.sh sets it): the decoders are
@@ -156,24 +158,8 @@ def _variant(member: str) -> str:
 
 
 def _descendants(pid: int) -> List[int]:
-    """The pids of every process below ``pid`` (children, their children...), read from /proc."""
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # gone meanwhile
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
-        parent_of[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, pp in parent_of.items() if pp in frontier]
-        found.extend(children)
-        frontier = children
-    return found
+    """The pids of every live process below ``pid`` (children, their children...)."""
+    return [p for p in descendants(pid) if p != pid]
 
 
 def _maps_dali(pid: int) -> bool:
@@ -199,16 +185,6 @@ def _tree_rss() -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
-
-
-def _smi(args: List[str]) -> Optional[str]:
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return None
-    try:
-        return subprocess.run([smi, *args], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 class GpuMemory:
@@ -240,7 +216,7 @@ class GpuMemory:
             except Exception:
                 pass
         out: Dict[int, int] = {}
-        for line in (_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or "").splitlines():
+        for line in (nvidia_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or "").splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
                 out[int(parts[0])] = int(parts[1]) << 20
@@ -254,7 +230,7 @@ class GpuMemory:
                 return int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
             except Exception:
                 pass
-        text = _smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"])
+        text = nvidia_smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"])
         try:
             return int(text.split()[0]) << 20 if text else None
         except (ValueError, IndexError):

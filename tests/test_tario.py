@@ -662,3 +662,14 @@ def test_read_tar__records_carry_a_tar_path_that_is_not_utf8_escaped():
     assert tar_display_name(events[0].tar_path) == "caf\\xe9\\\\x.tar"
     [failure] = read_tar(io.BytesIO(b"not a tar" * 100), "caf\udce9.tar", batch_size=5)
     assert failure.tar_path == "caf\\xe9.tar"
+
+
+def test_read_tar__a_batch_ends_early_at_max_batch_bytes_of_encoded_bytes(tmp_path):
+    jpegs = [(f"{i:03d}.jpg", make_jpeg(i, 64, 48)) for i in range(10)]
+    path = write_tar(tmp_path / "t.tar", jpegs)
+    size = len(jpegs[0][1])
+    with open(path, "rb") as f:
+        batches = [e for e in read_tar(f, path, batch_size=100, max_batch_bytes=3 * size) if isinstance(e, EncodedBatch)]
+    assert [m.member for b in batches for m in b.images] == [name for name, _ in jpegs]
+    assert all(b.nbytes <= 3 * size + max(len(d) for _, d in jpegs) for b in batches)
+    assert len(batches) >= 3

@@ -71,6 +71,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from bench.measure import descendants  # noqa: E402
+
 RESULT = "GPU_BENCH_RESULT "
 CORPORA = {
     "imagenet": {"tars": 8, "per_tar": 500, "size": None, "seed": 0},
@@ -189,7 +191,8 @@ def timed_passes(step: Callable[[int], int], n_batches: int, runs: int, warmup: 
 # -- GPU memory ---------------------------------------------------------------------------------------------
 
 
-def _smi(args: Sequence[str]) -> Optional[str]:
+def nvidia_smi(args: Sequence[str]) -> Optional[str]:
+    """nvidia-smi's output for ``args``, or None where it is missing or fails."""
     smi = shutil.which("nvidia-smi")
     if not smi:
         return None
@@ -197,25 +200,6 @@ def _smi(args: Sequence[str]) -> Optional[str]:
         return subprocess.run([smi, *args], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _descendants(pid: int) -> List[int]:
-    """The pids of every process below ``pid``, read from /proc (a decoder's decode process, say)."""
-    parent_of = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        parent_of[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [p for p, pp in parent_of.items() if pp in frontier]
-        found.extend(frontier)
-    return found
 
 
 class GpuMemory:
@@ -238,7 +222,7 @@ class GpuMemory:
         if self.nvml:
             pynvml, handle = self.nvml
             return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-        text = _smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"])
+        text = nvidia_smi(["--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"])
         try:
             return float(text.split()[0]) if text else None
         except (ValueError, IndexError):
@@ -252,7 +236,7 @@ class GpuMemory:
             except Exception:
                 pass
         out = {}
-        for line in (_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or "").splitlines():
+        for line in (nvidia_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or "").splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
                 out[int(parts[0])] = float(parts[1])
@@ -261,7 +245,7 @@ class GpuMemory:
     def read(self) -> Tuple[Optional[float], str]:
         procs = self._by_pid()
         if procs:
-            mine = {self.pid, *_descendants(self.pid)}
+            mine = set(descendants(self.pid))  # this process and every one below it
             return sum(v for p, v in procs.items() if p in mine), "by-pid-tree"
         now = self._device_mib()
         if now is not None and self.baseline is not None:
@@ -602,7 +586,7 @@ def environment() -> Dict:
     from beam_tarimg.decode import cuda_device_count
 
     env["cuda_devices"] = cuda_device_count()
-    smi = _smi(["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    smi = nvidia_smi(["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     env["gpu"] = smi.strip() if smi else None
     return env
 
