@@ -1,8 +1,9 @@
 """Beam coders for ImageBatch and EncodedBatch: pixels move as raw bytes plus shapes, not as pickles.
 
 Layout (all integers little-endian): a version byte, the tar path, the image count, then per image its
-strings, its metadata as sorted-key JSON (pickle only for metadata that JSON would change), and its payload.
-Decoded pixel arrays are read-only views of the encoded bytes (no copy).
+strings, its metadata as sorted-key JSON (pickle only for metadata that JSON would change), and its payload
+(for an ImageObject: its pixels, then its ``encoded`` bytes, if any). Decoded pixel arrays are read-only views of
+the encoded bytes (no copy).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from apache_beam import coders
 
 from beam_tarimg.types import EncodedBatch, EncodedImage, ImageBatch, ImageObject
 
-_VERSION = 1
+_VERSION = 2  # 2: ImageObject.encoded travels after the pixels
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _META_JSON = 0
@@ -95,7 +96,8 @@ class _Reader:
 
 
 class ImageBatchCoder(coders.Coder):
-    """Deterministic coder for ``ImageBatch``: raw pixel bytes plus dtype and shape per image."""
+    """Deterministic coder for ``ImageBatch``: raw pixel bytes plus dtype and shape per image, then the image's
+    ``encoded`` bytes (length + 1, 0 meaning None)."""
 
     def encode(self, batch: ImageBatch) -> bytes:
         parts: List[bytes] = [bytes((_VERSION,))]
@@ -111,6 +113,11 @@ class ImageBatchCoder(coders.Coder):
             parts.extend(_U64.pack(d) for d in a.shape)
             parts.append(_U64.pack(a.nbytes))
             parts.append(a.data if a.nbytes else b"")
+            if image.encoded is None:
+                parts.append(_U64.pack(0))
+            else:
+                parts.append(_U64.pack(len(image.encoded) + 1))
+                parts.append(image.encoded)
         return b"".join(parts)
 
     def decode(self, encoded: bytes) -> ImageBatch:
@@ -122,7 +129,9 @@ class ImageBatchCoder(coders.Coder):
             dtype = np.dtype(r.str())
             shape = tuple(r.u64() for _ in range(r.u8()))
             data = np.frombuffer(r.take(r.u64()), dtype=dtype).reshape(shape)
-            images.append(ImageObject(path, image_id, data, meta))
+            n_encoded = r.u64()
+            encoded = bytes(r.take(n_encoded - 1)) if n_encoded else None
+            images.append(ImageObject(path, image_id, data, meta, encoded))
         return ImageBatch(tar_path, images)
 
     def is_deterministic(self) -> bool:
@@ -131,7 +140,8 @@ class ImageBatchCoder(coders.Coder):
     def estimate_size(self, batch: ImageBatch) -> int:
         # Beam samples element sizes; the default would encode the whole batch just to measure it.
         return 16 + len(batch.tar_path) + sum(
-            image.image_data.nbytes + len(image.image_path) + len(image.image_id) + _PER_IMAGE_OVERHEAD
+            image.image_data.nbytes + len(image.encoded or b"") + len(image.image_path) + len(image.image_id)
+            + _PER_IMAGE_OVERHEAD
             for image in batch.images
         )
 

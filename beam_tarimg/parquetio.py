@@ -1,12 +1,15 @@
 """Parquet: ``WriteImagesToParquet`` (a ``PCollection[ImageBatch]`` in, one row per image out, through Beam's
 ``WriteToParquetBatched``) and ``ReadImagesFromParquet`` (rows back into ``ImageBatch``es).
 
-The schema is ``beam_tarimg.schema``'s. Row groups are sized by bytes (``row_group_bytes``), so a writer
-holds at most about one row group of images, never a whole shard.
+The schema is ``beam_tarimg.schema``'s: ``RAW_SCHEMA`` for ``image_format="raw"``, ``ENCODED_SCHEMA`` (an
+``image`` column in Hugging Face's ``Image`` storage, and the ``huggingface`` schema metadata that describes
+every column) for the encoded formats. Row groups are sized by bytes (``row_group_bytes``), so a writer holds
+at most about one row group of images, never a whole shard.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Dict, Iterator, List
 
 import apache_beam as beam
@@ -14,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam import coders
-from apache_beam.io import fileio
+from apache_beam.io import filebasedsink, fileio
+from apache_beam.io.parquetio import _ParquetSink  # the one Beam internal used here; see _ImageParquetSink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -29,20 +33,44 @@ DEFAULT_ROW_GROUP_BYTES = 64 * 1024 * 1024
 # A Parquet binary column chunk has 32-bit offsets; one row group must stay below 2 GiB of image data.
 MAX_ROW_GROUP_BYTES = 1024 * 1024 * 1024
 
-ARROW_SCHEMA = pa.schema(
-    [
-        pa.field(schema.IMAGE_ID, pa.string(), nullable=False),
-        pa.field(schema.IMAGE_PATH, pa.string(), nullable=False),
-        pa.field(schema.HEIGHT, pa.int32(), nullable=False),
-        pa.field(schema.WIDTH, pa.int32(), nullable=False),
-        pa.field(schema.CHANNELS, pa.int32(), nullable=False),
-        pa.field(schema.IMAGE_FORMAT, pa.string(), nullable=False),
-        pa.field(schema.IMAGE_DATA, pa.binary(), nullable=False),
-        pa.field(schema.METADATA, pa.string(), nullable=False),
-    ]
+_HEAD = [
+    pa.field(schema.IMAGE_ID, pa.string(), nullable=False),
+    pa.field(schema.IMAGE_PATH, pa.string(), nullable=False),
+    pa.field(schema.HEIGHT, pa.int32(), nullable=False),
+    pa.field(schema.WIDTH, pa.int32(), nullable=False),
+    pa.field(schema.CHANNELS, pa.int32(), nullable=False),
+    pa.field(schema.IMAGE_FORMAT, pa.string(), nullable=False),
+]
+_TAIL = [pa.field(schema.METADATA, pa.string(), nullable=False)]
+
+# image_format="raw": the pixels as one binary value per row (unchanged since the first release).
+RAW_SCHEMA = pa.schema([*_HEAD, pa.field(schema.IMAGE_DATA, pa.binary(), nullable=False), *_TAIL])
+ARROW_SCHEMA = RAW_SCHEMA  # the name of RAW_SCHEMA before the encoded formats had a schema of their own
+
+# Hugging Face datasets' Image storage: exactly this struct (field order, nullable, binary not large_binary).
+HF_IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+
+def _hf_features(fields) -> Dict[str, dict]:
+    kinds = {pa.string(): "string", pa.int32(): "int32", pa.binary(): "binary"}
+    return {f.name: {"_type": "Image"} if f.type == HF_IMAGE_TYPE else {"dtype": kinds[f.type], "_type": "Value"}
+            for f in fields}
+
+
+_ENCODED_FIELDS = [*_HEAD, pa.field(schema.IMAGE, HF_IMAGE_TYPE, nullable=True), *_TAIL]
+# The encoded formats (original, png, jpeg): the image file's bytes in an ``image`` column that Hugging Face
+# datasets (and the Hub's viewer) decode as images, described by the ``huggingface`` schema metadata.
+ENCODED_SCHEMA = pa.schema(
+    _ENCODED_FIELDS,
+    metadata={"huggingface": json.dumps({"info": {"features": _hf_features(_ENCODED_FIELDS)}})},
 )
 
-PARQUET_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
+PARQUET_CODECS = schema.PARQUET_CODECS
+
+
+def arrow_schema(image_format: str) -> pa.Schema:
+    """The Arrow schema of the files written with ``image_format``."""
+    return RAW_SCHEMA if image_format == schema.RAW else ENCODED_SCHEMA
 
 
 class _RowGroup:
@@ -82,6 +110,31 @@ class _ArrowTableCoder(coders.Coder):
 coders.registry.register_coder(_RowGroup, _ArrowTableCoder)
 
 
+# Dictionary-encode the small columns only: for image bytes Parquet would hash every value of a write batch
+# looking for repeats before giving up (~0.1 ms per JPEG here, a sixth of its decode), and find none.
+_DICTIONARY_COLUMNS = [f.name for f in _HEAD + _TAIL]
+
+
+class _ImageParquetSink(_ParquetSink):
+    """Beam's Parquet sink (temporary files, sharding, the atomic rename), its writer opened without
+    dictionary encoding for the image bytes."""
+
+    def open(self, temp_path):
+        self._file_handle = filebasedsink.FileBasedSink.open(self, temp_path)
+        return pq.ParquetWriter(self._file_handle, self._schema, compression=self._codec,
+                                use_dictionary=_DICTIONARY_COLUMNS)
+
+
+class _WriteRowGroups(beam.io.WriteToParquetBatched):
+    """``WriteToParquetBatched`` writing through ``_ImageParquetSink``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if type(self._sink) is not _ParquetSink:
+            raise TypeError(f"unexpected Beam Parquet sink {type(self._sink).__name__}: Beam changed")
+        self._sink.__class__ = _ImageParquetSink
+
+
 class _PendingRows:
     """Columns of the rows of one row group being collected; the image bytes are joined only at the end."""
 
@@ -101,6 +154,7 @@ class _PendingRows:
         return len(self.ids)
 
     def to_table(self, image_format: str) -> pa.Table:
+        """The rows as a table of ``arrow_schema(image_format)``: the image bytes are joined into one buffer."""
         n = len(self.ids)
         lengths = np.fromiter((len(d) for d in self.data), dtype=np.int64, count=n)
         ends = np.cumsum(lengths)
@@ -112,9 +166,12 @@ class _PendingRows:
         image_data = pa.Array.from_buffers(
             pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(self.data))]
         )
+        paths = pa.array(self.paths, pa.string())
+        if image_format != schema.RAW:  # {"bytes": the file, "path": image_path}, as datasets.Image stores it
+            image_data = pa.StructArray.from_arrays([image_data, paths], fields=list(HF_IMAGE_TYPE))
         columns = [
             pa.array(self.ids, pa.string()),
-            pa.array(self.paths, pa.string()),
+            paths,
             pa.array(np.asarray(self.heights, dtype=np.int32)),
             pa.array(np.asarray(self.widths, dtype=np.int32)),
             pa.array(np.asarray(self.channels, dtype=np.int32)),
@@ -122,7 +179,7 @@ class _PendingRows:
             image_data,
             pa.array(self.metadata, pa.string()),
         ]
-        return pa.Table.from_arrays(columns, schema=ARROW_SCHEMA)
+        return pa.Table.from_arrays(columns, schema=arrow_schema(image_format))
 
 
 class _ImagesToRowGroupsFn(beam.DoFn):
@@ -146,8 +203,7 @@ class _ImagesToRowGroupsFn(beam.DoFn):
         if rows is None:
             rows = self._pending[window] = _PendingRows()
         for image in batch.images:
-            pixels, h, w, c = schema.pixels_hwc(image.image_path, image.image_data)
-            data = schema.encode_pixels(image.image_path, pixels, h, w, c, self._image_format, self._jpeg_quality)
+            data, h, w, c = schema.image_payload(image, self._image_format, self._jpeg_quality)
             meta = schema.metadata_json(image.image_path, image.metadata)
             rows.ids.append(image.image_id)
             rows.paths.append(image.image_path)
@@ -181,7 +237,10 @@ class WriteImagesToParquet(beam.PTransform):
     """Writes a ``PCollection[ImageBatch]`` to Parquet files, one row per image, through Beam's
     ``WriteToParquetBatched`` (so sharding, temporary files and the atomic rename come from Beam).
 
-    The output is the ``PCollection`` of the written file names. See ``beam_tarimg.schema`` for the columns.
+    The output is the ``PCollection`` of the written file names. See ``beam_tarimg.schema`` for the columns:
+    for the encoded formats the image is an ``image`` column of type ``struct<bytes: binary, path: string>``
+    with the ``huggingface`` schema metadata, so ``datasets.load_dataset("parquet", data_files=...)`` gives PIL
+    images; for ``raw`` it is ``image_data``, binary HxWxC uint8.
 
     Args:
       file_path_prefix: where the files go, e.g. ``"gs://bucket/out/images"``; each file is named
@@ -192,9 +251,12 @@ class WriteImagesToParquet(beam.PTransform):
       shard_name_template: Beam's shard naming, default ``"-SSSSS-of-NNNNN"``.
       row_group_bytes: a row group is closed once its images reach this many bytes (default 64 MiB); each
         writer holds at most about one row group in memory. At most 1 GiB.
-      codec: Parquet compression, one of ``PARQUET_CODECS`` (default ``"none"``: raw pixels barely compress).
-      image_format: ``"raw"`` (default: HxWxC uint8, lossless), ``"png"`` (lossless, smaller, slower) or
-        ``"jpeg"`` (lossy, smallest); readers decode jpeg/png back to pixels.
+      codec: Parquet compression, one of ``PARQUET_CODECS`` (default ``"none"``: JPEG bytes and raw pixels
+        barely compress).
+      image_format: ``"original"`` (default: each image's own JPEG bytes, unchanged: about the size of the
+        input tars; needs ``ImageObject.encoded``, which ``ReadImagesFromTars`` fills), ``"raw"`` (HxWxC
+        uint8, ~13x the input), ``"png"`` (lossless re-encode, ~5x, slow) or ``"jpeg"`` (lossy re-encode);
+        the readers decode the encoded formats back to pixels.
       jpeg_quality: JPEG quality for ``image_format="jpeg"`` (1-100, default 95).
     """
 
@@ -207,7 +269,7 @@ class WriteImagesToParquet(beam.PTransform):
         shard_name_template=None,
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
         codec: str = "none",
-        image_format: str = schema.RAW,
+        image_format: str = schema.DEFAULT_IMAGE_FORMAT,
         jpeg_quality: int = 95,
     ):
         super().__init__()
@@ -230,9 +292,9 @@ class WriteImagesToParquet(beam.PTransform):
         tables = batches | "ImagesToRowGroups" >> beam.ParDo(
             _ImagesToRowGroupsFn(self._row_group_bytes, self._image_format, self._jpeg_quality)
         ).with_input_types(ImageBatch).with_output_types(_RowGroup)
-        return tables | "WriteToParquet" >> beam.io.WriteToParquetBatched(
+        return tables | "WriteToParquet" >> _WriteRowGroups(
             self._prefix,
-            schema=ARROW_SCHEMA,
+            schema=arrow_schema(self._image_format),
             codec=self._codec,
             file_name_suffix=self._suffix,
             num_shards=self._num_shards,
@@ -240,10 +302,10 @@ class WriteImagesToParquet(beam.PTransform):
         )
 
 
-def _binary_rows(array: pa.Array):
+def _binary_rows(array: pa.Array, name: str = schema.IMAGE_DATA):
     """Per-row zero-copy byte views of a binary column (list of memoryviews)."""
     if array.null_count:
-        raise ValueError("image_data has null values")
+        raise ValueError(f"{name} has null values")
     if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
         offset_type = np.int32 if pa.types.is_binary(array.type) else np.int64
         _, offsets_buf, data_buf = array.buffers()
@@ -261,7 +323,10 @@ def _column(rb: pa.RecordBatch, name: str, default=None) -> list:
 
 
 def images_from_record_batch(rb: pa.RecordBatch, source: str) -> Iterator[ImageObject]:
-    """The images of one Arrow record batch of the image schema (``image_format``/``metadata`` optional)."""
+    """The images of one Arrow record batch of the image schema (``image_format``/``metadata`` optional):
+    an ``image`` struct column (encoded formats) or an ``image_data`` column (raw, and files written before
+    ``original`` existed, whose ``image_data`` may hold png or jpeg bytes). Images of encoded rows carry their
+    stored bytes as ``encoded``."""
     ids = _column(rb, schema.IMAGE_ID)
     paths = _column(rb, schema.IMAGE_PATH)
     heights = _column(rb, schema.HEIGHT)
@@ -269,14 +334,24 @@ def images_from_record_batch(rb: pa.RecordBatch, source: str) -> Iterator[ImageO
     channels = _column(rb, schema.CHANNELS)
     formats = _column(rb, schema.IMAGE_FORMAT)
     metadata = _column(rb, schema.METADATA)
+    struct_index = rb.schema.get_field_index(schema.IMAGE)
     try:
-        data = _binary_rows(rb.column(rb.schema.get_field_index(schema.IMAGE_DATA)))
+        if struct_index >= 0:
+            column = rb.column(struct_index)
+            if column.null_count:
+                raise ValueError(f"{schema.IMAGE} has null values")
+            data = _binary_rows(column.field("bytes"), f"{schema.IMAGE}.bytes")
+        else:
+            data = _binary_rows(rb.column(rb.schema.get_field_index(schema.IMAGE_DATA)))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
     for i in range(rb.num_rows):
         path = paths[i]
-        pixels = schema.decode_pixels(f"{source}: {path}", data[i], formats[i], heights[i], widths[i], channels[i])
-        yield ImageObject(path, ids[i], pixels, schema.parse_metadata(metadata[i]))
+        h, w, c = heights[i], widths[i], channels[i]
+        fmt = formats[i] or (schema.ORIGINAL if struct_index >= 0 else schema.sniff_format(data[i], h, w, c))
+        pixels = schema.decode_pixels(f"{source}: {path}", data[i], fmt, h, w, c)
+        encoded = None if fmt == schema.RAW else bytes(data[i])
+        yield ImageObject(path, ids[i], pixels, schema.parse_metadata(metadata[i]), encoded)
 
 
 class _ReadParquetFileFn(beam.DoFn):
@@ -295,6 +370,8 @@ class _ReadParquetFileFn(beam.DoFn):
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
             missing = [name for name in schema.REQUIRED_FIELDS if name not in names]
+            if schema.IMAGE_DATA not in names and schema.IMAGE not in names:
+                missing.append(f"{schema.IMAGE} or {schema.IMAGE_DATA}")
             if missing:
                 raise ValueError(f"{path} is not an image table: it has no column {', '.join(missing)}")
             columns = [name for name in schema.FIELDS if name in names]

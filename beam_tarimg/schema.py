@@ -1,19 +1,36 @@
 """The one record schema of the Parquet and TFRecord sinks, and the image encodings they share.
 
-Beam-free (numpy, and Pillow for the ``"jpeg"``/``"png"`` formats): a row is one image.
+Beam-free (numpy, and Pillow for the encoded formats): a row is one image. ``image_format`` says how its
+image is stored:
 
-| field          | Parquet         | TFRecord (tf.train.Example) | content                                             |
-| ---            | ---             | ---                         | ---                                                 |
-| ``image_id``   | string          | bytes_list (UTF-8)          | the webdataset key, e.g. ``000000031``              |
-| ``image_path`` | string          | bytes_list (UTF-8)          | ``<tar name>/<member>``, e.g. ``00000.tar/000000031.jpg`` |
-| ``height``     | int32           | int64_list                  | rows of the decoded image                           |
-| ``width``      | int32           | int64_list                  | columns of the decoded image                        |
-| ``channels``   | int32           | int64_list                  | 3 for RGB (1 for a 2-D image written by other code) |
-| ``image_format`` | string        | bytes_list                  | ``raw``, ``jpeg`` or ``png``: what ``image_data`` holds |
-| ``image_data`` | binary          | bytes_list                  | raw: HxWxC uint8, row-major; jpeg/png: the encoded image |
-| ``metadata``   | string (JSON)   | bytes_list (UTF-8 JSON)     | the image's metadata dict, ``{}`` when none         |
+* ``original`` (the default): the tar member's own bytes, unchanged (``ImageObject.encoded``); no re-encode.
+* ``png`` / ``jpeg``: the decoded pixels re-encoded with Pillow (lossless / lossy, ``jpeg_quality``).
+* ``raw``: the decoded pixels, HxWxC uint8, row-major (for numpy/torch: ``np.frombuffer(b, np.uint8)
+  .reshape(h, w, c)``).
 
-``height``, ``width`` and ``channels`` are always those of the decoded pixels, whatever ``image_format``.
+| field            | Parquet                              | TFRecord (tf.train.Example) | content                            |
+| ---              | ---                                  | ---                         | ---                                |
+| ``image_id``     | string                               | ``image/source_id`` bytes   | the webdataset key, e.g. ``000000031`` |
+| ``image_path``   | string                               | ``image/filename`` bytes    | ``<tar name>/<member>``, e.g. ``00000.tar/000000031.jpg`` |
+| ``height``       | int32                                | ``image/height`` int64      | rows of the decoded image          |
+| ``width``        | int32                                | ``image/width`` int64       | columns of the decoded image       |
+| ``channels``     | int32                                | ``image/channels`` int64    | 3 for RGB (1 for a 2-D image written by other code) |
+| ``image_format`` | string                               | ``image/format`` bytes      | Parquet: ``original``/``png``/``jpeg``/``raw``; TFRecord: what the bytes are (``jpeg``, ``png``) or ``raw`` |
+| ``image``        | struct<bytes: binary, path: string>  | ``image/encoded`` bytes     | encoded formats: the image file's bytes (path: ``image_path``) |
+| ``image_data``   | binary                               | ``image/raw`` bytes         | ``raw`` only: HxWxC uint8 pixels   |
+| ``metadata``     | string (JSON)                        | ``image/metadata`` bytes    | the image's metadata dict, ``{}`` when none |
+
+A Parquet file has either ``image`` (encoded formats: Hugging Face's ``Image`` storage, so that
+``datasets``, the Hub viewer and friends see images) or ``image_data`` (``raw``), never both.
+
+``height``, ``width`` and ``channels`` are always those of the decoded pixels, whatever ``image_format``: the
+decode applies the EXIF orientation (as ``PIL.ImageOps.exif_transpose`` does), so for an ``original`` JPEG
+whose EXIF orientation is 5-8 (a quarter turn) they are the stored frame's width and height swapped. A decoder
+that applies the tag (Pillow + ``exif_transpose``, Hugging Face ``datasets`` >= 2.19, DALI) gives exactly
+``height`` x ``width``; one that ignores it (``tf.io.decode_jpeg``) gives the stored frame.
+
+Files written before ``original`` existed (``image_data`` holding raw, png or jpeg bytes; TFRecord features
+named like the Parquet columns) are still read.
 """
 
 from __future__ import annotations
@@ -33,16 +50,47 @@ WIDTH = "width"
 CHANNELS = "channels"
 IMAGE_FORMAT = "image_format"
 IMAGE_DATA = "image_data"
+IMAGE = "image"
 METADATA = "metadata"
 
-FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS, IMAGE_FORMAT, IMAGE_DATA, METADATA)
-# What a reader cannot do without; image_format and metadata may be missing from files written by other code.
-REQUIRED_FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS, IMAGE_DATA)
+FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS, IMAGE_FORMAT, IMAGE_DATA, IMAGE, METADATA)
+# What a reader cannot do without (and one of IMAGE_DATA, IMAGE); image_format and metadata may be missing
+# from files written by other code.
+REQUIRED_FIELDS = (IMAGE_ID, IMAGE_PATH, HEIGHT, WIDTH, CHANNELS)
 
-RAW, JPEG, PNG = "raw", "jpeg", "png"
-IMAGE_FORMATS = (RAW, JPEG, PNG)
+ORIGINAL, RAW, JPEG, PNG = "original", "raw", "jpeg", "png"
+IMAGE_FORMATS = (ORIGINAL, RAW, PNG, JPEG)
+ENCODED_FORMATS = (ORIGINAL, PNG, JPEG)
+DEFAULT_IMAGE_FORMAT = ORIGINAL
+
+# Parquet compression codecs (what pyarrow's ParquetWriter, and so Beam's WriteToParquet, accepts).
+PARQUET_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
+
+# TFRecord feature keys: the tf.train.Example conventions of TensorFlow's image tooling.
+TF_ENCODED = "image/encoded"
+TF_RAW = "image/raw"
+TF_FORMAT = "image/format"
+TF_HEIGHT = "image/height"
+TF_WIDTH = "image/width"
+TF_CHANNELS = "image/channels"
+TF_FILENAME = "image/filename"
+TF_SOURCE_ID = "image/source_id"
+TF_METADATA = "image/metadata"
+
+# File signatures of the encodings an ``original`` image may have (a member named .jpg may hold a PNG that
+# DALI or the Pillow fallback decoded): what TFRecord's image/format says.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", JPEG),
+    (b"\x89PNG\r\n\x1a\n", PNG),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
 
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_EXIF_ORIENTATION = 0x0112
 
 
 def check_int(name: str, value, minimum: int) -> None:
@@ -83,9 +131,37 @@ def pixels_hwc(image_path: str, pixels: np.ndarray) -> Tuple[np.ndarray, int, in
     return np.ascontiguousarray(a), h, w, c
 
 
+def image_payload(image: ImageObject, image_format: str, jpeg_quality: int):
+    """``(data, h, w, c)`` of one image: its stored bytes in ``image_format`` and its decoded shape.
+
+    ``original`` gives ``image.encoded`` itself; raises ValueError for an image that has none.
+    """
+    pixels, h, w, c = pixels_hwc(image.image_path, image.image_data)
+    if image_format == ORIGINAL:
+        if image.encoded is None:
+            raise ValueError(
+                f"cannot write {image.image_path!r} as original: it carries no encoded bytes (only images "
+                f"decoded by ReadImagesFromTars or read back from an encoded format do); write raw, png or jpeg"
+            )
+        return image.encoded, h, w, c
+    return encode_pixels(image.image_path, pixels, h, w, c, image_format, jpeg_quality), h, w, c
+
+
+def encoding_name(data) -> str:
+    """What encoded bytes are, by their file signature: ``jpeg``, ``png``, ``gif``, ``bmp``, ``tiff``, ``webp``,
+    or ``unknown``."""
+    head = bytes(data[:12])
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return "unknown"
+
+
 def encode_pixels(image_path: str, pixels: np.ndarray, h: int, w: int, c: int, image_format: str,
                   jpeg_quality: int):
-    """The ``image_data`` of one image: a uint8 buffer (raw, no copy) or encoded bytes."""
+    """The stored bytes of decoded pixels: a uint8 buffer (raw, no copy) or png/jpeg bytes."""
     if image_format == RAW:
         return memoryview(pixels).cast("B")
     from PIL import Image
@@ -127,7 +203,7 @@ def parse_metadata(text) -> Dict[str, Any]:
 
 
 def sniff_format(data, h: int, w: int, c: int) -> str:
-    """For rows without ``image_format``: raw when the size is HxWxC, else by the JPEG/PNG signature."""
+    """For old rows without ``image_format``: raw when the size is HxWxC, else by the JPEG/PNG signature."""
     n = len(data)
     if n == h * w * c:
         return RAW
@@ -140,7 +216,8 @@ def sniff_format(data, h: int, w: int, c: int) -> str:
 
 
 def decode_pixels(image_path: str, data, image_format: Optional[str], h: int, w: int, c: int) -> np.ndarray:
-    """The HxWxC uint8 pixels of one row. Raw data comes back as a read-only view of ``data``."""
+    """The HxWxC uint8 pixels of one row. Raw data comes back as a read-only view of ``data``; encoded data
+    is decoded with Pillow, EXIF orientation applied (as the tar reader's decode does)."""
     if not image_format:
         image_format = sniff_format(data, h, w, c)
     if image_format == RAW:
@@ -150,12 +227,14 @@ def decode_pixels(image_path: str, data, image_format: Optional[str], h: int, w:
         return a.reshape(h, w, c)
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"{image_path!r}: unknown image_format {image_format!r}")
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     mode = _PIL_MODES.get(c)
     if mode is None:
         raise ValueError(f"{image_path!r}: cannot decode {image_format} data into {c} channels")
     with Image.open(io.BytesIO(bytes(data))) as img:
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
         a = np.asarray(img.convert(mode) if img.mode != mode else img)
     if a.ndim == 2:
         a = a[:, :, None]

@@ -1,21 +1,32 @@
 """TFRecord: ``WriteImagesToTFRecord`` (a ``PCollection[ImageBatch]`` in, one ``tf.train.Example`` per image
 out, through Beam's ``WriteToTFRecord``) and ``ReadImagesFromTFRecord`` (Examples back into ``ImageBatch``es).
 
-The Examples have the features of ``beam_tarimg.schema``; TensorFlow reads them with::
+The Examples carry the feature keys of TensorFlow's image tooling (``beam_tarimg.schema`` has the table):
+``image/encoded`` (the image file: the member's own bytes for ``original``, else a png/jpeg re-encode) or, for
+``raw``, ``image/raw`` (HxWxC uint8), ``image/format`` (``jpeg``, ``png``, ... what the encoded bytes are, or
+``raw``), ``image/height``, ``image/width``, ``image/channels`` (of the decoded pixels), ``image/filename``
+(``image_path``), ``image/source_id`` (``image_id``) and ``image/metadata`` (JSON). TensorFlow reads them with::
 
     spec = {
-        "image_id": tf.io.FixedLenFeature([], tf.string),
-        "image_path": tf.io.FixedLenFeature([], tf.string),
-        "height": tf.io.FixedLenFeature([], tf.int64),
-        "width": tf.io.FixedLenFeature([], tf.int64),
-        "channels": tf.io.FixedLenFeature([], tf.int64),
-        "image_format": tf.io.FixedLenFeature([], tf.string),
-        "image_data": tf.io.FixedLenFeature([], tf.string),
-        "metadata": tf.io.FixedLenFeature([], tf.string),
+        "image/encoded": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "image/raw": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/channels": tf.io.FixedLenFeature([], tf.int64),
+        "image/filename": tf.io.FixedLenFeature([], tf.string),
+        "image/source_id": tf.io.FixedLenFeature([], tf.string),
+        "image/metadata": tf.io.FixedLenFeature([], tf.string),
     }
     ex = tf.io.parse_single_example(record, spec)
-    pixels = tf.reshape(tf.io.decode_raw(ex["image_data"], tf.uint8),
-                        tf.stack([ex["height"], ex["width"], ex["channels"]]))   # image_format "raw"
+    pixels = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)   # jpeg, png
+    pixels = tf.reshape(tf.io.decode_raw(ex["image/raw"], tf.uint8),
+                        tf.stack([ex["image/height"], ex["image/width"], ex["image/channels"]]))   # raw
+
+``tf.io.decode_image`` ignores EXIF orientation: for an ``original`` JPEG with orientation 5-8 it gives the
+stored frame, ``image/width`` x ``image/height``. Files written with the earlier feature names
+(``image_id``, ``image_path``, ``height``, ``width``, ``channels``, ``image_format``, ``image_data``,
+``metadata``) are still read.
 
 The ``tf.train.Example`` classes come from TensorFlow when it is installed, else from the small ``tfrecord``
 package (``pip install tfrecord``); both are imported on first use only.
@@ -82,21 +93,26 @@ def example_pb2():
     return _EXAMPLE_PB2
 
 
-def image_to_example(image: ImageObject, image_format: str = schema.RAW, jpeg_quality: int = 95) -> bytes:
-    """One image as a serialized ``tf.train.Example`` of the image schema."""
+def image_to_example(image: ImageObject, image_format: str = schema.DEFAULT_IMAGE_FORMAT,
+                     jpeg_quality: int = 95) -> bytes:
+    """One image as a serialized ``tf.train.Example`` with the ``image/...`` features."""
     pb = example_pb2()
-    pixels, h, w, c = schema.pixels_hwc(image.image_path, image.image_data)
-    data = schema.encode_pixels(image.image_path, pixels, h, w, c, image_format, jpeg_quality)
+    data, h, w, c = schema.image_payload(image, image_format, jpeg_quality)
+    if image_format == schema.RAW:
+        key, fmt = schema.TF_RAW, schema.RAW
+    else:
+        key, fmt = schema.TF_ENCODED, image_format if image_format != schema.ORIGINAL else schema.encoding_name(data)
     example = pb.Example()
     f = example.features.feature
-    f[schema.IMAGE_ID].bytes_list.value.append(image.image_id.encode("utf-8", errors="surrogateescape"))
-    f[schema.IMAGE_PATH].bytes_list.value.append(image.image_path.encode("utf-8", errors="surrogateescape"))
-    f[schema.HEIGHT].int64_list.value.append(h)
-    f[schema.WIDTH].int64_list.value.append(w)
-    f[schema.CHANNELS].int64_list.value.append(c)
-    f[schema.IMAGE_FORMAT].bytes_list.value.append(image_format.encode("ascii"))
-    f[schema.IMAGE_DATA].bytes_list.value.append(bytes(data))
-    f[schema.METADATA].bytes_list.value.append(schema.metadata_json(image.image_path, image.metadata).encode("utf-8"))
+    f[key].bytes_list.value.append(bytes(data))
+    f[schema.TF_FORMAT].bytes_list.value.append(fmt.encode("ascii"))
+    f[schema.TF_HEIGHT].int64_list.value.append(h)
+    f[schema.TF_WIDTH].int64_list.value.append(w)
+    f[schema.TF_CHANNELS].int64_list.value.append(c)
+    f[schema.TF_FILENAME].bytes_list.value.append(image.image_path.encode("utf-8", errors="surrogateescape"))
+    f[schema.TF_SOURCE_ID].bytes_list.value.append(image.image_id.encode("utf-8", errors="surrogateescape"))
+    f[schema.TF_METADATA].bytes_list.value.append(
+        schema.metadata_json(image.image_path, image.metadata).encode("utf-8"))
     return example.SerializeToString()
 
 
@@ -112,20 +128,39 @@ def _single(features, name: str, kind: str, source: str, required: bool = True):
     return values[0]
 
 
+# Feature names of files written before the image/... keys: (path, id, height, width, channels, format, metadata).
+_OLD_KEYS = (schema.IMAGE_PATH, schema.IMAGE_ID, schema.HEIGHT, schema.WIDTH, schema.CHANNELS, schema.IMAGE_FORMAT,
+             schema.METADATA)
+_KEYS = (schema.TF_FILENAME, schema.TF_SOURCE_ID, schema.TF_HEIGHT, schema.TF_WIDTH, schema.TF_CHANNELS,
+         schema.TF_FORMAT, schema.TF_METADATA)
+
+
 def example_to_image(serialized: bytes, source: str = "<record>") -> ImageObject:
-    """The image of one serialized ``tf.train.Example`` of the image schema."""
+    """The image of one serialized ``tf.train.Example`` (``image/...`` features, or the earlier names).
+    Encoded images carry their stored bytes as ``encoded``."""
     example = example_pb2().Example.FromString(serialized)
     f = example.features.feature
-    path = _single(f, schema.IMAGE_PATH, "bytes_list", source).decode("utf-8", errors="surrogateescape")
-    image_id = _single(f, schema.IMAGE_ID, "bytes_list", source).decode("utf-8", errors="surrogateescape")
-    h = _single(f, schema.HEIGHT, "int64_list", source)
-    w = _single(f, schema.WIDTH, "int64_list", source)
-    c = _single(f, schema.CHANNELS, "int64_list", source)
-    fmt = _single(f, schema.IMAGE_FORMAT, "bytes_list", source, required=False)
-    meta = _single(f, schema.METADATA, "bytes_list", source, required=False)
-    data = _single(f, schema.IMAGE_DATA, "bytes_list", source)
-    pixels = schema.decode_pixels(f"{source}: {path}", data, fmt.decode("ascii") if fmt else None, h, w, c)
-    return ImageObject(path, image_id, pixels, schema.parse_metadata(meta.decode("utf-8") if meta else None))
+    old = schema.TF_HEIGHT not in f
+    path_key, id_key, h_key, w_key, c_key, fmt_key, meta_key = _OLD_KEYS if old else _KEYS
+    path = _single(f, path_key, "bytes_list", source).decode("utf-8", errors="surrogateescape")
+    image_id = _single(f, id_key, "bytes_list", source).decode("utf-8", errors="surrogateescape")
+    h = _single(f, h_key, "int64_list", source)
+    w = _single(f, w_key, "int64_list", source)
+    c = _single(f, c_key, "int64_list", source)
+    fmt = _single(f, fmt_key, "bytes_list", source, required=not old)
+    meta = _single(f, meta_key, "bytes_list", source, required=False)
+    fmt = fmt.decode("ascii", errors="replace") if fmt else None
+    if old:
+        data = _single(f, schema.IMAGE_DATA, "bytes_list", source)
+        fmt = fmt or schema.sniff_format(data, h, w, c)
+    elif fmt == schema.RAW:
+        data = _single(f, schema.TF_RAW, "bytes_list", source)
+    else:
+        data = _single(f, schema.TF_ENCODED, "bytes_list", source)
+        fmt = schema.ORIGINAL  # whatever the bytes are (jpeg, png, ...): Pillow decodes them
+    pixels = schema.decode_pixels(f"{source}: {path}", data, fmt, h, w, c)
+    return ImageObject(path, image_id, pixels, schema.parse_metadata(meta.decode("utf-8") if meta else None),
+                       None if fmt == schema.RAW else data)
 
 
 _U64 = struct.Struct("<Q")
@@ -183,9 +218,10 @@ class WriteImagesToTFRecord(beam.PTransform):
     """Writes a ``PCollection[ImageBatch]`` to TFRecord files, one ``tf.train.Example`` per image, through Beam's
     ``WriteToTFRecord`` (sharding, temporary files and the atomic rename come from Beam).
 
-    The output is the ``PCollection`` of the written file names. The features are described in this module's
-    docstring and in ``beam_tarimg.schema``. Needs ``pip install tfrecord`` (or TensorFlow) for the Example
-    classes, and ``google-crc32c`` for Beam's record checksums.
+    The output is the ``PCollection`` of the written file names. The features (``image/encoded``,
+    ``image/format``, ...) are described in this module's docstring and in ``beam_tarimg.schema``. Needs
+    ``pip install tfrecord`` (or TensorFlow) for the Example classes, and ``google-crc32c`` for Beam's record
+    checksums.
 
     Args:
       file_path_prefix: where the files go; each is named ``<prefix><shard name><file_name_suffix>``.
@@ -193,7 +229,9 @@ class WriteImagesToTFRecord(beam.PTransform):
       num_shards: the number of files; 0 (the default) lets the runner decide.
       shard_name_template: Beam's shard naming, default ``"-SSSSS-of-NNNNN"``.
       compression_type: one of ``COMPRESSION_TYPES`` (default ``"auto"``: from the file name suffix).
-      image_format: ``"raw"`` (default, lossless), ``"png"`` (lossless) or ``"jpeg"`` (lossy).
+      image_format: ``"original"`` (default: each image's own JPEG bytes, unchanged, under ``image/encoded``
+        with ``image/format`` ``jpeg``), ``"raw"`` (pixels under ``image/raw``), ``"png"`` (lossless) or
+        ``"jpeg"`` (lossy re-encode).
       jpeg_quality: JPEG quality for ``image_format="jpeg"`` (1-100, default 95).
     """
 
@@ -205,7 +243,7 @@ class WriteImagesToTFRecord(beam.PTransform):
         num_shards: int = 0,
         shard_name_template=None,
         compression_type: str = "auto",
-        image_format: str = schema.RAW,
+        image_format: str = schema.DEFAULT_IMAGE_FORMAT,
         jpeg_quality: int = 95,
     ):
         super().__init__()
@@ -261,7 +299,8 @@ class ReadImagesFromTFRecord(beam.PTransform):
     Each file is read by one worker, front to back, checking the CRCs of every record. Batches are formed as
     in ``ReadImagesFromParquet``: up to ``batch_size`` consecutive records of one file from the same tar,
     ``tar_path`` being that tar's file name taken from ``image_path`` (or the TFRecord file's path when
-    ``image_path`` has no ``/``). jpeg/png ``image_data`` is decoded back with Pillow.
+    ``image_path`` has no ``/``). Encoded images are decoded back with Pillow (EXIF orientation applied) and keep
+    their bytes as ``ImageObject.encoded``; files with the earlier feature names are read too.
 
     Args:
       file_pattern: a glob on any Beam filesystem, e.g. ``"out/images-*.tfrecord"``.

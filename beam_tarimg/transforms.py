@@ -228,7 +228,8 @@ class _DecodeBatchesFn(_SetupStateFn):
                 self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
                                      f"images_decoded_{outcome.decoder}")
                 images.append(
-                    ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata)
+                    ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata,
+                                encoded=encoded.data)
                 )
             if images:
                 yield ImageBatch(batch.tar_path, images)

@@ -24,12 +24,17 @@ class ImageObject:
         kept after its batch is gone keeps the whole batch's pixels in memory (about 0.5 MB x batch size
         for ImageNet-sized images); ``.copy()`` the images you keep.
       metadata: a dict; empty unless sidecars were asked for (see ``ReadImagesFromTars``).
+      encoded: the encoded image whose decode gave ``image_data``, unchanged: the tar member's own bytes
+        (as ``ReadImagesFromTars`` read them; they still carry any EXIF orientation tag), or the stored
+        bytes of a row read back from an encoded format. None for pixels from anywhere else. It is what
+        ``image_format="original"`` writes. The same ``bytes`` object as the decode's input: no copy.
     """
 
     image_path: str
     image_id: str
     image_data: np.ndarray
     metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    encoded: Optional[bytes] = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ImageObject):
@@ -38,6 +43,7 @@ class ImageObject:
             self.image_path == other.image_path
             and self.image_id == other.image_id
             and self.metadata == other.metadata
+            and self.encoded == other.encoded
             and self.image_data.shape == other.image_data.shape
             and self.image_data.dtype == other.image_data.dtype
             and np.array_equal(self.image_data, other.image_data)
@@ -48,7 +54,8 @@ class ImageObject:
     def __repr__(self) -> str:
         return (
             f"ImageObject(image_path={self.image_path!r}, image_id={self.image_id!r}, "
-            f"image_data=<{self.image_data.dtype} {self.image_data.shape}>, metadata={self.metadata!r})"
+            f"image_data=<{self.image_data.dtype} {self.image_data.shape}>, metadata={self.metadata!r}, "
+            f"encoded={'None' if self.encoded is None else f'<{len(self.encoded)} bytes>'})"
         )
 
 

@@ -476,7 +476,8 @@ def run_job(name: str, plans: Sequence[TarPlan], in_dir: str, out_dir: str, args
     cmd = [sys.executable, "-m", "pipelines.tar_to_parquet", "--input", in_dir,
            "--output", os.path.join(out_dir, "images"), "--failures", os.path.join(out_dir, "failures.jsonl"),
            "--batch_size", str(args.batch_size), "--num_threads", str(args.num_threads), "--device", "cpu",
-           "--preview_rows", "0", "--runner", args.runner]
+           "--preview_rows", "0", "--runner", args.runner,
+           "--image_format", "raw"]  # the decoded pixels, which read_outputs compares with Pillow's
     res = run_process(cmd, args.job_timeout, os.path.join(out_dir, "stdout.txt"), os.path.join(out_dir, "stderr.txt"))
     with open(os.path.join(out_dir, "stdout.txt"), errors="replace") as f:
         stdout = f.read()

@@ -264,12 +264,14 @@ def run_pipeline(case, args) -> dict:
         t_work = time.perf_counter() - T0
         cpu = _cpu_tree() - cpu0
         out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)
+        in_bytes = sum(os.path.getsize(os.path.join(args.input, f)) for f in os.listdir(args.input)
+                       if f.endswith(".tar"))  # a view's symlinks count as often as they name a tar
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     summary = summary if isinstance(summary, dict) else {"summary": repr(summary)}
     images = _images_from_summary(summary)
     return {"t_work": t_work, "cpu_work": cpu, "images": images, "pixels": None, "import_s": import_s,
-            "output_bytes": out_bytes, "summary": _jsonable(summary), "beam_flags": _beam_flags(case)}
+            "output_bytes": out_bytes, "input_bytes": in_bytes, "summary": _jsonable(summary), "beam_flags": _beam_flags(case)}
 
 
 def _images_from_summary(summary: dict):

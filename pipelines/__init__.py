@@ -4,7 +4,8 @@
     python -m pipelines.tar_to_tfrecord --input 'gs://bucket/shards/*.tar' --output gs://bucket/out/images ...
     python -m pipelines.summarize       --input data/
 
-The flags are ``pipelines.options.TarImagesOptions`` (``--help`` lists them); every other flag goes to Beam.
+The flags are ``pipelines.options.TarImagesOptions``, each job taking its own set of them (``--help`` lists
+them); every other flag goes to Beam.
 This package holds the driver the three share: check the flags and paths, build and run the pipeline, then
 print a summary made from the pipeline's Beam metrics.
 """
@@ -83,9 +84,11 @@ def run_pipeline(
     description: str,
     make_sink: Optional[SinkFactory] = None,
     preview: Optional[PreviewFn] = None,
+    flags: Optional[Sequence[str]] = None,
 ) -> Dict[str, object]:
-    """Checks the flags and paths (raising UsageError before any work), runs, prints and returns the summary."""
-    args, beam_args = parse_args(argv, prog, description)
+    """Checks the flags (the job's ``flags``; default all) and paths (raising UsageError before any work),
+    runs, prints and returns the summary."""
+    args, beam_args = parse_args(argv, prog, description, flags)
     if not args.input:
         raise UsageError("--input is required: a glob or a directory of .tar files")
     if make_sink is not None and not args.output:

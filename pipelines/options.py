@@ -1,7 +1,8 @@
 """The command-line options shared by the runnable pipelines, and their checks before any work is done.
 
 ``TarImagesOptions`` is a Beam ``PipelineOptions`` subclass: its flags travel with the pipeline options like any
-Beam flag. Every flag it does not define is handed to Beam (``--runner``, ``--direct_num_workers``,
+Beam flag. It defines the flags of every job; each job takes only its own set (``SUMMARIZE_FLAGS``,
+``TFRECORD_FLAGS``, ``PARQUET_FLAGS``), so its ``--help`` lists only those and the others are usage errors. Every flag it does not define is handed to Beam (``--runner``, ``--direct_num_workers``,
 ``--direct_running_mode``, ``--temp_location``, ...); a flag that neither knows is a usage error.
 
 Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever it reads options, so these
@@ -19,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from beam_tarimg.decode import DEVICES
-from beam_tarimg.schema import IMAGE_FORMATS
+from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, PARQUET_CODECS
 from beam_tarimg.tario import DEFAULT_EXTENSIONS, normalize_extensions
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -30,6 +31,12 @@ _BEAM_FLAGS_EPILOG = (
     "Exit codes: 0 done, 2 usage error (bad flag, input that matches nothing, unwritable output), "
     "1 the pipeline failed."
 )
+
+
+# The flags of each job, by dest name.
+SUMMARIZE_FLAGS = ("input", "batch_size", "num_threads", "device", "extensions", "include_metadata", "failures")
+TFRECORD_FLAGS = SUMMARIZE_FLAGS + ("output", "image_format", "jpeg_quality", "num_shards", "preview_rows")
+PARQUET_FLAGS = TFRECORD_FLAGS + ("row_group_mb", "codec")
 
 
 class UsageError(Exception):
@@ -73,8 +80,10 @@ class TarImagesOptions(PipelineOptions):
             help="write one JSON line per lost input (tar, member, stage, error) to this file",
         )
         parser.add_argument(
-            "--image_format", default="raw", choices=IMAGE_FORMATS,
-            help="what image_data holds: raw HxWxC pixels (default, lossless), png (lossless) or jpeg (lossy)",
+            "--image_format", default=DEFAULT_IMAGE_FORMAT, choices=IMAGE_FORMATS,
+            help="how images are stored: original (default: each JPEG's own bytes, unchanged; about the size of "
+                 "the input), raw (decoded HxWxC uint8 pixels, ~13x the input), png (lossless re-encode, ~5x, slow) "
+                 "or jpeg (lossy re-encode)",
         )
         parser.add_argument("--jpeg_quality", type=int, default=95, help="quality of --image_format jpeg (95)")
         parser.add_argument(
@@ -83,12 +92,28 @@ class TarImagesOptions(PipelineOptions):
         )
         parser.add_argument(
             "--row_group_mb", type=int, default=64,
-            help="Parquet only: close a row group at this many MiB of image data (default 64)",
+            help="close a Parquet row group at this many MiB of image data (default 64)",
+        )
+        parser.add_argument(
+            "--codec", default="none", choices=PARQUET_CODECS,
+            help="Parquet compression codec (default none: JPEG bytes and pixels barely compress)",
         )
         parser.add_argument(
             "--preview_rows", type=int, default=5,
             help="after the summary, print this many rows of the output (default 5; 0 for none)",
         )
+
+
+class _SomeFlags:
+    """Passes ``add_argument`` on to ``parser`` for the flags whose dest is in ``names`` only."""
+
+    def __init__(self, parser: argparse.ArgumentParser, names: Sequence[str]):
+        self._parser = parser
+        self._names = frozenset(names)
+
+    def add_argument(self, *option_strings, **kwargs):
+        if option_strings[0].lstrip("-") in self._names:
+            self._parser.add_argument(*option_strings, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,14 +128,21 @@ class _BeamFlagsParser(_BeamArgumentParser):
         raise UsageError(message)
 
 
-def parse_args(argv: Optional[Sequence[str]], prog: str, description: str) -> Tuple[argparse.Namespace, List[str]]:
-    """Our flags, and the Beam flags (with ``--runner`` defaulted to FnApiRunner). Raises UsageError.
+def parse_args(argv: Optional[Sequence[str]], prog: str, description: str,
+               flags: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, List[str]]:
+    """Our flags (those named in ``flags``, default all), and the Beam flags (with ``--runner`` defaulted to
+    FnApiRunner). Raises UsageError.
 
-    ``--help`` prints our flags and exits with code 0.
+    ``--help`` prints the job's flags and exits with code 0. The flags a job does not take are usage errors
+    on its command line and keep their defaults in the returned namespace.
     """
     parser = _Parser(prog=prog, description=description, epilog=_BEAM_FLAGS_EPILOG, allow_abbrev=False)
-    TarImagesOptions._add_argparse_args(parser)
+    TarImagesOptions._add_argparse_args(parser if flags is None else _SomeFlags(parser, flags))
     args, beam_args = parser.parse_known_args(list(argv) if argv is not None else None)
+    every_flag = argparse.ArgumentParser(add_help=False)
+    TarImagesOptions._add_argparse_args(every_flag)
+    for name, default in vars(every_flag.parse_args([])).items():
+        args.__dict__.setdefault(name, default)
     _check_beam_flags(beam_args)
     if PipelineOptions(beam_args).view_as(StandardOptions).runner is None:
         beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]

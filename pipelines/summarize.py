@@ -2,7 +2,8 @@
 
     python -m pipelines.summarize --input build/sample --runner FnApiRunner
 
-A dry run of the conversion pipelines: the same flags (``--output`` is ignored), the same summary.
+A dry run of the conversion pipelines: their reading and decoding flags (none of the output flags), the same
+summary.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 from pipelines import main_for, run_pipeline
+from pipelines.options import SUMMARIZE_FLAGS
 
 PROG = "python -m pipelines.summarize"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and print a summary."
@@ -17,7 +19,7 @@ DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
-    return run_pipeline(argv, prog=PROG, description=DESCRIPTION)
+    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, flags=SUMMARIZE_FLAGS)
 
 
 def main() -> None:

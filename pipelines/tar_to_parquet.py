@@ -5,7 +5,8 @@
 
 Prints a summary (tars, images written, failures, images/s, where the output went) and the first rows of the
 output. ``--help`` lists the flags; every other flag is passed to Beam. The columns are described in
-``beam_tarimg.schema``.
+``beam_tarimg.schema``; by default (``--image_format original``) the image column holds each JPEG's own bytes in
+Hugging Face's ``Image`` storage, so ``datasets.load_dataset("parquet", data_files=...)`` gives PIL images.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from pipelines import main_for, preview_lines, run_pipeline
+from pipelines.options import PARQUET_FLAGS
 
 PROG = "python -m pipelines.tar_to_parquet"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and write them to Parquet."
@@ -27,6 +29,7 @@ def _sink(args):
         row_group_bytes=args.row_group_mb * 1024 * 1024,
         image_format=args.image_format,
         jpeg_quality=args.jpeg_quality,
+        codec=args.codec,
     )
 
 
@@ -52,7 +55,8 @@ def preview(path: str, n: int) -> List[str]:
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
-    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview)
+    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview,
+                        flags=PARQUET_FLAGS)
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
     python -m pipelines.tar_to_tfrecord --input build/sample --output build/demo/images --runner FnApiRunner
 
 Prints a summary (tars, images written, failures, images/s, where the output went) and the first records of
-the output. ``--help`` lists the flags; every other flag is passed to Beam. The features are described in
-``beam_tarimg.tfrecordio``. Needs ``pip install tfrecord`` (or TensorFlow) for the Example classes.
+the output. ``--help`` lists the flags; every other flag is passed to Beam. The features (``image/encoded``,
+``image/format``, ...) are described in ``beam_tarimg.tfrecordio``. Needs ``pip install tfrecord`` (or TensorFlow) for the Example classes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from pipelines import main_for, preview_lines, run_pipeline
+from pipelines.options import TFRECORD_FLAGS
 
 PROG = "python -m pipelines.tar_to_tfrecord"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and write them to TFRecord files."
@@ -41,13 +42,13 @@ def preview(path: str, n: int) -> List[str]:
     with FileSystems.open(path) as f:
         for record in itertools.islice(read_records(f, path), n):
             feature = example_pb2().Example.FromString(record).features.feature
-            h, w, c = (feature[k].int64_list.value[0] for k in (schema.HEIGHT, schema.WIDTH, schema.CHANNELS))
+            h, w, c = (feature[k].int64_list.value[0] for k in (schema.TF_HEIGHT, schema.TF_WIDTH, schema.TF_CHANNELS))
             rows.append(
                 {
-                    "id": feature[schema.IMAGE_ID].bytes_list.value[0].decode("utf-8", errors="replace"),
-                    "path": feature[schema.IMAGE_PATH].bytes_list.value[0].decode("utf-8", errors="replace"),
+                    "id": feature[schema.TF_SOURCE_ID].bytes_list.value[0].decode("utf-8", errors="replace"),
+                    "path": feature[schema.TF_FILENAME].bytes_list.value[0].decode("utf-8", errors="replace"),
                     "shape": f"{h}x{w}x{c}",
-                    "metadata": feature[schema.METADATA].bytes_list.value[0].decode("utf-8", errors="replace"),
+                    "metadata": feature[schema.TF_METADATA].bytes_list.value[0].decode("utf-8", errors="replace"),
                 }
             )
     return preview_lines(rows)
@@ -55,7 +56,8 @@ def preview(path: str, n: int) -> List[str]:
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
-    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview)
+    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview,
+                        flags=TFRECORD_FLAGS)
 
 
 def main() -> None:

@@ -30,6 +30,23 @@ def test_image_batch_coder__round_trips_exactly():
     assert [i.image_data.shape for i in decoded] == [(5, 7, 3), (0, 3, 3), (2, 2, 3)]
 
 
+def test_image_batch_coder__round_trips_the_encoded_bytes_and_their_absence():
+    coder = ImageBatchCoder()
+    batch = _batch()
+    batch.images[0].encoded = b"\xff\xd8\xff\xe0 the member's own bytes"
+    batch.images[2].encoded = b""
+    decoded = coder.decode(coder.encode(batch))
+    assert [i.encoded for i in decoded] == [batch.images[0].encoded, None, b""]
+    assert decoded == batch
+    assert abs(coder.estimate_size(batch) - len(coder.encode(batch))) <= 300
+
+
+def test_image_objects_with_different_encoded_bytes_are_not_equal():
+    a, b = _batch(), _batch()
+    b.images[0].encoded = b"\xff\xd8"
+    assert a != b
+
+
 def test_image_batch_coder__is_deterministic_for_equal_batches_with_reordered_metadata():
     coder = ImageBatchCoder()
     a, b = _batch(), _batch()

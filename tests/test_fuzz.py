@@ -128,7 +128,7 @@ def test_job__sof_component_count_crasher_among_63_good_images_costs_only_itself
     write_tar(in_dir / "crasher.tar", members)
     cmd = [sys.executable, "-m", "pipelines.tar_to_parquet", "--input", str(in_dir), "--output",
            str(out_dir / "images"), "--failures", str(out_dir / "failures.jsonl"), "--batch_size", "64",
-           "--device", "cpu", "--runner", "FnApiRunner"]
+           "--device", "cpu", "--runner", "FnApiRunner", "--image_format", "raw"]  # pixels, for read_outputs
     out_dir.mkdir()
     res = fuzz.run_process(cmd, 300.0, str(out_dir / "stdout.txt"), str(out_dir / "stderr.txt"))
     assert (res.returncode, res.hung) == (0, False), (out_dir / "stderr.txt").read_text()[-2000:]

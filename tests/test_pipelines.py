@@ -131,14 +131,67 @@ def test_summarize__passes_beam_flags_through_and_writes_nothing(shards, tmp_pat
     assert "images decoded" in stdout and "first rows" not in stdout
 
 
-def test_help_lists_the_pipeline_flags_and_exits_0(capsys):
+def _help(run, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tar_to_parquet.run(["--help"])
+        run(["--help"])
     assert exit_info.value.code == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_pipeline_flags_and_exits_0(capsys):
+    out = _help(tar_to_parquet.run, capsys)
     for flag in ("--input", "--output", "--batch_size", "--num_threads", "--device", "--extensions",
-                 "--include_metadata", "--failures", "--image_format", "--runner"):
+                 "--include_metadata", "--failures", "--image_format", "--codec", "--row_group_mb", "--runner"):
         assert flag in out
+    assert "original" in out and "zstd" in out
+
+
+@pytest.mark.parametrize("run,absent", [
+    (tar_to_tfrecord.run, ("--codec", "--row_group_mb")),
+    (summarize.run, ("--output", "--image_format", "--jpeg_quality", "--num_shards", "--codec", "--row_group_mb",
+                     "--preview_rows")),
+])
+def test_help_shows_each_job_only_the_flags_it_uses(capsys, run, absent):
+    out = _help(run, capsys)
+    assert "--input" in out and "--batch_size" in out
+    for flag in absent:
+        assert flag not in out, flag
+
+
+def test_a_flag_of_another_job_is_a_usage_error(shards, tmp_path):
+    from pipelines.options import UsageError
+
+    with pytest.raises(UsageError, match="unrecognized arguments: --codec zstd"):
+        tar_to_tfrecord.run(["--input", str(shards), "--output", str(tmp_path / "o"), "--codec", "zstd"])
+    with pytest.raises(UsageError, match="unrecognized arguments: --output"):
+        summarize.run(["--input", str(shards), "--output", str(tmp_path / "o")])
+
+
+def test_tar_to_parquet__default_output_holds_each_jpeg_unchanged_in_a_hugging_face_image_column(parquet_run):
+    import tarfile
+
+    members = {}
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        with tarfile.open(parquet_run["shards"] / name) as tar:
+            members.update({f"{name}/{m.name}": tar.extractfile(m).read() for m in tar.getmembers()})
+    table = pq.read_table(parquet_run["summary"]["output_files"])
+    assert b"huggingface" in table.schema.metadata
+    assert set(table.column("image_format").to_pylist()) == {"original"}
+    for row in table.select(["image_path", "image"]).to_pylist():
+        assert row["image"] == {"bytes": members[row["image_path"]], "path": row["image_path"]}
+
+
+def test_tar_to_parquet__codec_and_image_format_flags_reach_the_parquet_file(shards, tmp_path):
+    summary, _ = _run_quietly(tar_to_parquet.run, [
+        "--input", str(shards / "00000.tar"), "--output", str(tmp_path / "images"), "--codec", "zstd",
+        "--image_format", "raw", "--preview_rows", "0",
+    ])
+    (path,) = summary["output_files"]
+    pf = pq.ParquetFile(path)
+    assert pf.schema_arrow.names == ["image_id", "image_path", "height", "width", "channels", "image_format",
+                                     "image_data", "metadata"]
+    assert {pf.metadata.row_group(0).column(i).compression for i in range(pf.metadata.num_columns)} == {"ZSTD"}
+    assert summary["images_written"] == IMAGES_PER_TAR
 
 
 def test_the_options_are_a_beam_pipeline_options_subclass():

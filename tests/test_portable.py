@@ -152,7 +152,7 @@ def _parquet_rows(folder) -> dict:
 def test_portable_runner__tar_to_parquet_with_two_sdk_workers_writes_what_the_fn_api_runner_writes(dataset, tmp_path):
     module = _tar_to_parquet_module()
     folder, _, reference = dataset
-    common = ["--input", folder, "--batch_size", str(BATCH)]
+    common = ["--input", folder, "--batch_size", str(BATCH), "--image_format", "raw"]  # pixels, to compare
 
     module.run([*common, "--output", str(tmp_path / "fn" / "images"), "--failures", str(tmp_path / "fn-failures"),
                 "--runner", "FnApiRunner"])

@@ -19,6 +19,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that
+from conftest import make_jpeg
 from PIL import Image, ImageOps
 
 from beam_tarimg.parquetio import ReadImagesFromParquet, WriteImagesToParquet
@@ -63,6 +64,19 @@ def _make_tars(directory):
     return paths
 
 
+def _member_bytes(tar_paths):
+    """image_path -> the JPEG member's own bytes, read with tarfile."""
+    import tarfile
+
+    out = {}
+    for tar_path in tar_paths:
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    out[f"{os.path.basename(tar_path)}/{m.name}"] = tar.extractfile(m).read()
+    return out
+
+
 def _expected_images(tar_paths):
     """image_path -> (image_id, pixels, metadata), decoded with Pillow, independently of the project."""
     import tarfile
@@ -91,10 +105,12 @@ def written(tmp_path_factory):
     tars = _make_tars(str(root))
     out = root / "out"
     prefixes = {
+        "parquet_original": str(out / "original"),
         "parquet_raw": str(out / "raw"),
         "parquet_png": str(out / "png"),
         "parquet_jpeg": str(out / "jpeg"),
         "parquet_small_groups": str(out / "small"),
+        "tfrecord_original": str(out / "original"),
         "tfrecord_raw": str(out / "raw"),
         "tfrecord_png": str(out / "png"),
         "tfrecord_jpeg": str(out / "jpeg"),
@@ -102,16 +118,19 @@ def written(tmp_path_factory):
     }
     p = beam.Pipeline(options=PipelineOptions(RUNNER))
     batches = p | ReadImagesFromTars(str(root), batch_size=BATCH, include_metadata=True)
-    _ = batches | "ParquetRaw" >> WriteImagesToParquet(prefixes["parquet_raw"])
+    _ = batches | "ParquetDefault" >> WriteImagesToParquet(prefixes["parquet_original"])
+    _ = batches | "ParquetRaw" >> WriteImagesToParquet(prefixes["parquet_raw"], image_format="raw")
     _ = batches | "ParquetPng" >> WriteImagesToParquet(prefixes["parquet_png"], image_format="png")
     _ = batches | "ParquetJpeg" >> WriteImagesToParquet(prefixes["parquet_jpeg"], image_format="jpeg")
     _ = batches | "ParquetSmallGroups" >> WriteImagesToParquet(
-        prefixes["parquet_small_groups"], row_group_bytes=SMALL_ROW_GROUP, codec="zstd"
+        prefixes["parquet_small_groups"], row_group_bytes=SMALL_ROW_GROUP, codec="zstd", image_format="raw"
     )
-    _ = batches | "TFRecordRaw" >> WriteImagesToTFRecord(prefixes["tfrecord_raw"])
+    _ = batches | "TFRecordDefault" >> WriteImagesToTFRecord(prefixes["tfrecord_original"])
+    _ = batches | "TFRecordRaw" >> WriteImagesToTFRecord(prefixes["tfrecord_raw"], image_format="raw")
     _ = batches | "TFRecordPng" >> WriteImagesToTFRecord(prefixes["tfrecord_png"], image_format="png")
     _ = batches | "TFRecordJpeg" >> WriteImagesToTFRecord(prefixes["tfrecord_jpeg"], image_format="jpeg")
-    _ = batches | "TFRecordGzip" >> WriteImagesToTFRecord(prefixes["tfrecord_gzip"], file_name_suffix=".tfrecord.gz")
+    _ = batches | "TFRecordGzip" >> WriteImagesToTFRecord(
+        prefixes["tfrecord_gzip"], file_name_suffix=".tfrecord.gz", image_format="raw")
     result = p.run()
     result.wait_until_finish()
     counters = {
@@ -123,7 +142,8 @@ def written(tmp_path_factory):
         name: prefix + "-*" + (".tfrecord.gz" if name == "tfrecord_gzip" else suffix[name.split("_")[0]])
         for name, prefix in prefixes.items()
     }
-    return {"globs": globs, "expected": _expected_images(tars), "counters": counters, "out": out}
+    return {"globs": globs, "expected": _expected_images(tars), "jpegs": _member_bytes(tars), "counters": counters,
+            "out": out, "root": root}
 
 
 def _read_and_check(transform, check, *args):
@@ -132,7 +152,9 @@ def _read_and_check(transform, check, *args):
         assert_that(p | transform, lambda batches: check(list(batches), *args))
 
 
-def _check_exact(batches, expected, batch_size):
+def _check_exact(batches, expected, batch_size, encoded=None):
+    """Ids, paths, metadata and pixels as expected; ``encoded``: the bytes each image must carry (None: none;
+    a bytes prefix: every image's encoded bytes start with it; a dict: exactly those bytes per path)."""
     _check_batches_group_one_tar(batches, batch_size)
     images = {image.image_path: image for batch in batches for image in batch}
     assert sorted(images) == sorted(expected)
@@ -142,6 +164,12 @@ def _check_exact(batches, expected, batch_size):
         assert image.metadata == meta
         assert image.image_data.dtype == np.uint8
         np.testing.assert_array_equal(image.image_data, pixels, err_msg=path)
+        if encoded is None:
+            assert image.encoded is None, path
+        elif isinstance(encoded, bytes):
+            assert image.encoded.startswith(encoded), path
+        else:
+            assert image.encoded == encoded[path], path
 
 
 def _check_batches_group_one_tar(batches, batch_size):
@@ -151,14 +179,21 @@ def _check_batches_group_one_tar(batches, batch_size):
         assert {image.image_path.split("/", 1)[0] for image in batch} == {batch.tar_path}
 
 
-@pytest.mark.parametrize("name", ["parquet_raw", "parquet_png", "parquet_small_groups"])
+def _encoded_expectation(written, name):
+    kind = name.split("_", 1)[1]
+    return {"original": written["jpegs"], "png": b"\x89PNG\r\n\x1a\n"}.get(kind)
+
+
+@pytest.mark.parametrize("name", ["parquet_original", "parquet_raw", "parquet_png", "parquet_small_groups"])
 def test_parquet_round_trip__project_reader_gives_back_the_decoded_pixels_ids_paths_and_metadata(written, name):
-    _read_and_check(ReadImagesFromParquet(written["globs"][name], batch_size=3), _check_exact, written["expected"], 3)
+    _read_and_check(ReadImagesFromParquet(written["globs"][name], batch_size=3), _check_exact, written["expected"], 3,
+                    _encoded_expectation(written, name))
 
 
-@pytest.mark.parametrize("name", ["tfrecord_raw", "tfrecord_png", "tfrecord_gzip"])
+@pytest.mark.parametrize("name", ["tfrecord_original", "tfrecord_raw", "tfrecord_png", "tfrecord_gzip"])
 def test_tfrecord_round_trip__project_reader_gives_back_the_decoded_pixels_ids_paths_and_metadata(written, name):
-    _read_and_check(ReadImagesFromTFRecord(written["globs"][name], batch_size=3), _check_exact, written["expected"], 3)
+    _read_and_check(ReadImagesFromTFRecord(written["globs"][name], batch_size=3), _check_exact, written["expected"], 3,
+                    _encoded_expectation(written, name))
 
 
 @pytest.mark.parametrize("reader,name", [(ReadImagesFromParquet, "parquet_jpeg"), (ReadImagesFromTFRecord, "tfrecord_jpeg")])
@@ -199,8 +234,8 @@ def test_parquet_png_and_jpeg_rows_hold_encoded_images_that_pillow_opens(written
         table = pq.read_table(_glob(written["globs"][name]))
         for row in table.to_pylist():
             assert row["image_format"] == name.split("_")[1]
-            assert row["image_data"].startswith(magic)
-            with Image.open(io.BytesIO(row["image_data"])) as img:
+            assert row["image"]["bytes"].startswith(magic) and row["image"]["path"] == row["image_path"]
+            with Image.open(io.BytesIO(row["image"]["bytes"])) as img:
                 assert (img.height, img.width) == (row["height"], row["width"])
 
 
@@ -225,7 +260,7 @@ def test_parquet_row_groups_are_closed_by_bytes_not_by_a_row_count(written):
 def test_sinks_count_images_written_in_the_beam_tarimg_namespace(written):
     n = len(written["expected"])
     per_step = {step: v for (step, name), v in written["counters"].items() if name == "images_written"}
-    assert len(per_step) == 8
+    assert len(per_step) == 10
     assert set(per_step.values()) == {n}
 
 
@@ -301,13 +336,17 @@ def _independent_example_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("independent.Example"))
 
 
-def test_tfrecord_files_parse_as_tf_train_examples_with_an_independent_reader_and_schema(written):
+_TF_KINDS = {"image/format": "bytes_list", "image/height": "int64_list", "image/width": "int64_list",
+             "image/channels": "int64_list", "image/filename": "bytes_list", "image/source_id": "bytes_list",
+             "image/metadata": "bytes_list"}
+
+
+def _independent_examples(pattern, image_key):
+    """image_path -> {feature: its one value} of every Example, checking each has exactly the documented keys."""
     example_class = _independent_example_class()
-    kinds = {"image_id": "bytes_list", "image_path": "bytes_list", "height": "int64_list",
-             "width": "int64_list", "channels": "int64_list", "image_format": "bytes_list",
-             "image_data": "bytes_list", "metadata": "bytes_list"}
+    kinds = {**_TF_KINDS, image_key: "bytes_list"}
     seen = {}
-    for path in _glob(written["globs"]["tfrecord_raw"]):
+    for path in _glob(pattern):
         for record in _independent_records(path):
             feature = example_class.FromString(record).features.feature
             assert set(feature) == set(kinds)
@@ -315,29 +354,55 @@ def test_tfrecord_files_parse_as_tf_train_examples_with_an_independent_reader_an
                 assert feature[name].WhichOneof("kind") == kind
                 assert len(getattr(feature[name], kind).value) == 1
             value = {name: getattr(feature[name], kind).value[0] for name, kind in kinds.items()}
-            seen[value["image_path"].decode("utf-8")] = value
+            seen[value["image/filename"].decode("utf-8")] = value
+    return seen
+
+
+def test_tfrecord_raw__parses_as_tf_train_examples_with_the_image_keys_and_pixels_under_image_raw(written):
+    seen = _independent_examples(written["globs"]["tfrecord_raw"], "image/raw")
     assert sorted(seen) == sorted(written["expected"])
     for path, (image_id, pixels, meta) in written["expected"].items():
         value = seen[path]
-        assert value["image_id"] == image_id.encode("utf-8")
-        assert value["image_format"] == b"raw"
-        assert (value["height"], value["width"], value["channels"]) == pixels.shape
-        assert json.loads(value["metadata"].decode("utf-8")) == meta
-        np.testing.assert_array_equal(np.frombuffer(value["image_data"], np.uint8).reshape(pixels.shape), pixels)
+        assert value["image/source_id"] == image_id.encode("utf-8")
+        assert value["image/format"] == b"raw"
+        assert (value["image/height"], value["image/width"], value["image/channels"]) == pixels.shape
+        assert json.loads(value["image/metadata"].decode("utf-8")) == meta
+        np.testing.assert_array_equal(np.frombuffer(value["image/raw"], np.uint8).reshape(pixels.shape), pixels)
+
+
+def test_tfrecord_default__holds_each_jpeg_unchanged_under_image_encoded_with_format_jpeg(written):
+    seen = _independent_examples(written["globs"]["tfrecord_original"], "image/encoded")
+    assert sorted(seen) == sorted(written["expected"])
+    for path, (image_id, pixels, meta) in written["expected"].items():
+        value = seen[path]
+        assert value["image/encoded"] == written["jpegs"][path]
+        assert value["image/format"] == b"jpeg"
+        assert value["image/source_id"] == image_id.encode("utf-8")
+        assert (value["image/height"], value["image/width"], value["image/channels"]) == pixels.shape
+        assert json.loads(value["image/metadata"].decode("utf-8")) == meta
 
 
 def test_tfrecord_files_are_readable_by_tensorflow(written):
     tf = pytest.importorskip("tensorflow")
-    spec = {name: tf.io.FixedLenFeature([], tf.int64 if name in ("height", "width", "channels") else tf.string)
-            for name in ("image_id", "image_path", "height", "width", "channels", "image_format", "image_data",
-                         "metadata")}
-    seen = {}
-    for record in tf.data.TFRecordDataset(_glob(written["globs"]["tfrecord_raw"])):
-        ex = tf.io.parse_single_example(record, spec)
-        shape = tf.stack([ex["height"], ex["width"], ex["channels"]])
-        seen[ex["image_path"].numpy().decode()] = tf.reshape(tf.io.decode_raw(ex["image_data"], tf.uint8), shape)
-    for path, (_, pixels, _) in written["expected"].items():
-        np.testing.assert_array_equal(seen[path].numpy(), pixels)
+    spec = {k: tf.io.FixedLenFeature([], tf.string, default_value="") for k in ("image/encoded", "image/raw")}
+    spec.update({k: tf.io.FixedLenFeature([], tf.string) for k in ("image/format", "image/filename",
+                                                                     "image/source_id", "image/metadata")})
+    spec.update({k: tf.io.FixedLenFeature([], tf.int64) for k in ("image/height", "image/width", "image/channels")})
+    for name in ("tfrecord_raw", "tfrecord_original"):
+        seen = {}
+        for record in tf.data.TFRecordDataset(_glob(written["globs"][name])):
+            ex = tf.io.parse_single_example(record, spec)
+            if ex["image/format"].numpy() == b"raw":
+                shape = tf.stack([ex["image/height"], ex["image/width"], ex["image/channels"]])
+                pixels = tf.reshape(tf.io.decode_raw(ex["image/raw"], tf.uint8), shape)
+            else:
+                pixels = tf.io.decode_image(ex["image/encoded"], channels=3, expand_animations=False)
+            seen[ex["image/filename"].numpy().decode()] = pixels.numpy()
+        for path, (_, pixels, _) in written["expected"].items():
+            if name == "tfrecord_raw":
+                np.testing.assert_array_equal(seen[path], pixels)
+            elif not path.endswith("a004.jpg"):  # TensorFlow ignores EXIF orientation
+                assert seen[path].shape == pixels.shape
 
 
 def test_parquet_is_readable_by_pandas_and_duckdb(written):
@@ -349,6 +414,182 @@ def test_parquet_is_readable_by_pandas_and_duckdb(written):
     rows = duckdb.sql(f"SELECT image_id, height * width * channels AS n, octet_length(image_data) AS b "
                       f"FROM read_parquet({files!r})").fetchall()
     assert len(rows) == len(written["expected"]) and all(n == b for _, n, b in rows)
+
+
+def test_parquet_default_output__is_readable_by_pandas_and_duckdb_with_the_jpeg_bytes_in_image_bytes(written):
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    files = _glob(written["globs"]["parquet_original"])
+    frame = pd.concat([pd.read_parquet(f) for f in files])
+    assert sorted(frame["image_path"]) == sorted(written["expected"])
+    for _, row in frame.iterrows():
+        assert row["image"]["bytes"] == written["jpegs"][row["image_path"]]
+        assert row["image"]["path"] == row["image_path"]
+    rows = duckdb.sql(f"SELECT image_path, image.bytes AS b, image.path AS p, height, width "
+                      f"FROM read_parquet({files!r})").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(written["expected"])
+    for path, data, inner_path, h, w in rows:
+        assert data == written["jpegs"][path] and inner_path == path
+        assert (h, w) == written["expected"][path][1].shape[:2]
+
+
+def test_tar_reader__each_decoded_image_carries_its_members_own_bytes_as_encoded(read_tars, tmp_path):
+    members = [(f"k{i}.jpg", make_jpeg(i, 30 + i, 20 + i)) for i in range(5)]
+    write_tar(str(tmp_path / "00000.tar"), members)
+    result = read_tars(str(tmp_path), batch_size=2)
+    assert {k: image.encoded for k, image in result.by_member().items()} == dict(members)
+
+
+# --- the default format: original JPEG bytes, in Hugging Face's Image storage -------------------------------
+
+
+def test_parquet_default_output__uses_hugging_face_image_storage_and_describes_every_column(written):
+    import pyarrow as pa
+
+    for path in _glob(written["globs"]["parquet_original"]):
+        arrow = pq.read_schema(path)
+        assert arrow.names == ["image_id", "image_path", "height", "width", "channels", "image_format", "image",
+                               "metadata"]
+        image = arrow.field("image")
+        assert image.type == pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+        assert [(f.name, f.nullable) for f in image.type] == [("bytes", True), ("path", True)]
+        features = json.loads(arrow.metadata[b"huggingface"])["info"]["features"]
+        assert features == {
+            "image_id": {"dtype": "string", "_type": "Value"}, "image_path": {"dtype": "string", "_type": "Value"},
+            "height": {"dtype": "int32", "_type": "Value"}, "width": {"dtype": "int32", "_type": "Value"},
+            "channels": {"dtype": "int32", "_type": "Value"}, "image_format": {"dtype": "string", "_type": "Value"},
+            "image": {"_type": "Image"}, "metadata": {"dtype": "string", "_type": "Value"},
+        }
+        assert set(pq.read_table(path, columns=["image_format"]).column(0).to_pylist()) == {"original"}
+
+
+def test_parquet_image_bytes_are_not_dictionary_encoded_and_the_small_columns_are(written):
+    for name, column in (("parquet_original", "image.bytes"), ("parquet_raw", "image_data")):
+        meta = pq.ParquetFile(_glob(written["globs"][name])[0]).metadata.row_group(0)
+        encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+        assert "RLE_DICTIONARY" not in encodings[column], (name, encodings[column])
+        assert "RLE_DICTIONARY" in encodings["image_path"]
+
+
+def test_parquet_raw_output__keeps_the_earlier_columns_and_no_image_column(written):
+    arrow = pq.read_schema(_glob(written["globs"]["parquet_raw"])[0])
+    assert arrow.names == ["image_id", "image_path", "height", "width", "channels", "image_format", "image_data",
+                           "metadata"]
+    assert not (arrow.metadata or {}).get(b"huggingface")
+
+
+def _load_with_hf_datasets(files, tmp_path, monkeypatch):
+    """``datasets.load_dataset("parquet")`` offline, its caches in tmp_path (set before datasets is imported)."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf-cache"))
+    return datasets, ds
+
+
+def test_parquet_default_output__loads_in_hugging_face_datasets_as_pil_images_equal_to_the_decoded_pixels(
+        written, tmp_path, monkeypatch):
+    datasets, ds = _load_with_hf_datasets(_glob(written["globs"]["parquet_original"]), tmp_path, monkeypatch)
+    assert ds.features["image"] == datasets.Image()
+    assert ds.features["height"] == datasets.Value("int32") and ds.features["image_id"] == datasets.Value("string")
+    assert ds.num_rows == len(written["expected"])
+    for row in ds:
+        image_id, pixels, meta = written["expected"][row["image_path"]]
+        assert isinstance(row["image"], Image.Image)
+        assert row["image_id"] == image_id and json.loads(row["metadata"]) == meta
+        assert (row["image"].height, row["image"].width) == (row["height"], row["width"])
+        np.testing.assert_array_equal(np.asarray(row["image"].convert("RGB")), pixels, err_msg=row["image_path"])
+
+
+def test_exif_rotated_image__height_and_width_are_the_orientation_applied_size_and_the_bytes_keep_the_tag(
+        written, tmp_path, monkeypatch):
+    from beam_tarimg.jpeg import jpeg_dimensions
+
+    path = "00000.tar/a004.jpg"  # written 60 wide x 40 high with EXIF orientation 6 (a quarter turn)
+    jpeg = written["jpegs"][path]
+    with Image.open(io.BytesIO(jpeg)) as img:
+        assert img.getexif().get(0x0112) == 6
+    assert jpeg_dimensions(jpeg) == (60, 40)  # the stored frame, as a decoder that ignores EXIF sees it
+    decoded = written["expected"][path][1]
+    assert decoded.shape == (60, 40, 3)  # the tar reader's decode applies the orientation
+    files = _glob(written["globs"]["parquet_original"])
+    row = [r for r in pq.read_table(files).to_pylist() if r["image_path"] == path][0]
+    assert row["image"]["bytes"] == jpeg  # unchanged: the tag travels with the bytes
+    assert (row["height"], row["width"], row["channels"]) == (60, 40, 3)  # what the decoded pixels are
+    for name in ("parquet_raw", "parquet_png"):  # the same columns whatever the format
+        other = [r for r in pq.read_table(_glob(written["globs"][name])).to_pylist() if r["image_path"] == path][0]
+        assert (other["height"], other["width"]) == (60, 40)
+    _, ds = _load_with_hf_datasets(files, tmp_path, monkeypatch)  # datasets >= 2.19 applies the orientation too
+    hf = [r for r in ds if r["image_path"] == path][0]["image"]
+    assert (hf.height, hf.width) == (60, 40)
+    np.testing.assert_array_equal(np.asarray(hf.convert("RGB")), decoded)
+
+
+# --- files written by earlier versions ----------------------------------------------------------------------
+
+
+def _frame_record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _png(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_readers_read_files_in_the_earlier_layout_raw_png_and_without_image_format(written, tmp_path):
+    """As the sinks wrote them before ``original``: Parquet ``image_data`` holding raw or png bytes, TFRecord
+    features named like the Parquet columns; each once with and once without ``image_format``."""
+    import pyarrow as pa
+
+    from beam_tarimg.tfrecordio import example_pb2
+
+    expected = written["expected"]
+    rows = []
+    for i, (path, (image_id, pixels, meta)) in enumerate(sorted(expected.items())):
+        fmt = "png" if i % 2 else "raw"
+        rows.append({"image_id": image_id, "image_path": path, "height": pixels.shape[0], "width": pixels.shape[1],
+                     "channels": pixels.shape[2], "image_format": fmt,
+                     "image_data": _png(pixels) if fmt == "png" else pixels.tobytes(),
+                     "metadata": json.dumps(meta)})
+    old_schema = pa.schema([
+        pa.field("image_id", pa.string(), False), pa.field("image_path", pa.string(), False),
+        pa.field("height", pa.int32(), False), pa.field("width", pa.int32(), False),
+        pa.field("channels", pa.int32(), False), pa.field("image_format", pa.string(), False),
+        pa.field("image_data", pa.binary(), False), pa.field("metadata", pa.string(), False)])
+    table = pa.Table.from_pylist(rows, schema=old_schema)
+    pq.write_table(table, str(tmp_path / "old-00000-of-00002.parquet"))
+    pq.write_table(table.drop_columns(["image_format"]), str(tmp_path / "old-00001-of-00002.parquet"))
+
+    pb = example_pb2()
+    for name, keys in (("old-a", ("image_id", "image_path", "image_format", "metadata")),
+                       ("old-b", ("image_id", "image_path", "metadata"))):
+        with open(tmp_path / f"{name}.tfrecord", "wb") as f:
+            for row in rows:
+                example = pb.Example()
+                for key in keys:
+                    example.features.feature[key].bytes_list.value.append(row[key].encode("utf-8"))
+                for key in ("height", "width", "channels"):
+                    example.features.feature[key].int64_list.value.append(row[key])
+                example.features.feature["image_data"].bytes_list.value.append(row["image_data"])
+                f.write(_frame_record(example.SerializeToString()))
+
+    def check(batches):
+        images = [image for batch in batches for image in batch]
+        assert len(images) == 2 * len(expected)
+        by_path = {}
+        for image in images:
+            by_path.setdefault(image.image_path, []).append(image)
+        for path, (image_id, pixels, meta) in expected.items():
+            for image in by_path[path]:
+                assert (image.image_id, image.metadata) == (image_id, meta)
+                np.testing.assert_array_equal(image.image_data, pixels, err_msg=path)
+
+    _read_and_check(ReadImagesFromParquet(str(tmp_path / "old-*.parquet")), check)
+    _read_and_check(ReadImagesFromTFRecord(str(tmp_path / "old-*.tfrecord")), check)
 
 
 # --- argument checks ----------------------------------------------------------------------------------
@@ -384,13 +625,22 @@ def test_readers_reject_a_pattern_that_matches_nothing_when_built(tmp_path):
         ReadImagesFromTFRecord(str(tmp_path / "nothing-*.tfrecord"))
 
 
+def test_sink_refuses_original_for_an_image_that_carries_no_encoded_bytes(tmp_path):
+    from beam_tarimg.types import ImageBatch, ImageObject
+
+    batch = ImageBatch("t.tar", [ImageObject("t.tar/x.jpg", "x", np.zeros((2, 2, 3), np.uint8))])
+    with pytest.raises(Exception, match="cannot write 't.tar/x.jpg' as original: it carries no encoded bytes"):
+        with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
+            _ = p | beam.Create([batch]) | WriteImagesToParquet(str(tmp_path / "x"))
+
+
 def test_sink_fails_with_a_clear_error_for_pixels_that_are_not_uint8(tmp_path):
     from beam_tarimg.types import ImageBatch, ImageObject
 
     batch = ImageBatch("t.tar", [ImageObject("t.tar/x.jpg", "x", np.zeros((2, 2, 3), np.float32))])
     with pytest.raises(Exception, match="must be uint8"):
         with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-            _ = p | beam.Create([batch]) | WriteImagesToParquet(str(tmp_path / "x"))
+            _ = p | beam.Create([batch]) | WriteImagesToParquet(str(tmp_path / "x"), image_format="raw")
 
 
 def _glob(pattern):
@@ -425,9 +675,9 @@ def test_sinks_and_readers_round_trip_escaped_member_names_that_are_not_utf8(tmp
         pixels = rng.integers(0, 256, (4 + i, 5, 3), dtype=np.uint8)
         images.append(ImageObject(f"{tar_name}/{member}", member.rsplit(".", 1)[0], pixels, {"i": i}))
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        batches = p | beam.Create([ImageBatch(tar_name, images)])
-        _ = batches | "Parquet" >> WriteImagesToParquet(str(tmp_path / "names"))
-        _ = batches | "TFRecord" >> WriteImagesToTFRecord(str(tmp_path / "names"))
+        batches = p | beam.Create([ImageBatch(tar_name, images)])  # pixels made here: no JPEG bytes, so raw
+        _ = batches | "Parquet" >> WriteImagesToParquet(str(tmp_path / "names"), image_format="raw")
+        _ = batches | "TFRecord" >> WriteImagesToTFRecord(str(tmp_path / "names"), image_format="raw")
     expected = {image.image_path: image for image in images}
     assert [member_name_bytes(path.split("/", 1)[1]) for path in expected] == _HOSTILE_NAMES
     _read_and_check(ReadImagesFromParquet(str(tmp_path / "names-*.parquet")), _check_same_images, expected)
@@ -450,9 +700,9 @@ def test_tar_with_a_latin1_member_name_is_decoded_written_and_read_back_under_it
             tar.addfile(info, io.BytesIO(data))
     with Image.open(io.BytesIO(data)) as img:
         pixels = np.asarray(img.convert("RGB"))
-    expected = {
-        "00000.tar/caf\\xe9.jpg": ImageObject("00000.tar/caf\\xe9.jpg", "caf\\xe9", pixels, {}),
-        "00000.tar/a\\\\b.jpg": ImageObject("00000.tar/a\\\\b.jpg", "a\\\\b", pixels, {}),
+    expected = {  # written in the default format, original: the reader gives back the JPEG bytes too
+        "00000.tar/caf\\xe9.jpg": ImageObject("00000.tar/caf\\xe9.jpg", "caf\\xe9", pixels, {}, data),
+        "00000.tar/a\\\\b.jpg": ImageObject("00000.tar/a\\\\b.jpg", "a\\\\b", pixels, {}, data),
     }
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
         batches = p | ReadImagesFromTars(str(src), batch_size=BATCH)
