@@ -10,6 +10,7 @@ at most about one row group of images, never a whole shard.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Dict, Iterator, List
 
 import apache_beam as beam
@@ -18,7 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam import coders
 from apache_beam.io import filebasedsink, fileio
-from apache_beam.io.parquetio import _ParquetSink  # the one Beam internal used here; see _ImageParquetSink
+try:  # the one Beam internal used here (see _WriteRowGroups); without it Beam's own writer serves, slower
+    from apache_beam.io.parquetio import _ParquetSink
+except ImportError:  # pragma: no cover - a Beam that renamed it
+    _ParquetSink = None
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -115,7 +119,7 @@ coders.registry.register_coder(_RowGroup, _ArrowTableCoder)
 _DICTIONARY_COLUMNS = [f.name for f in _HEAD + _TAIL]
 
 
-class _ImageParquetSink(_ParquetSink):
+class _ImageParquetSink(_ParquetSink or object):
     """Beam's Parquet sink (temporary files, sharding, the atomic rename), its writer opened without
     dictionary encoding for the image bytes."""
 
@@ -126,13 +130,21 @@ class _ImageParquetSink(_ParquetSink):
 
 
 class _WriteRowGroups(beam.io.WriteToParquetBatched):
-    """``WriteToParquetBatched`` writing through ``_ImageParquetSink``."""
+    """``WriteToParquetBatched`` writing through ``_ImageParquetSink`` where this Beam's sink is the one it
+    was written against; otherwise through Beam's own (dictionary-encoded image bytes: correct, slower)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if type(self._sink) is not _ParquetSink:
-            raise TypeError(f"unexpected Beam Parquet sink {type(self._sink).__name__}: Beam changed")
-        self._sink.__class__ = _ImageParquetSink
+        sink = getattr(self, "_sink", None)
+        if _ParquetSink is not None and type(sink) is _ParquetSink and all(
+            hasattr(sink, a) for a in ("_schema", "_codec")
+        ):
+            sink.__class__ = _ImageParquetSink
+        else:
+            logging.getLogger(__name__).warning(
+                "beam_tarimg: this Beam's Parquet sink is not the one expected; writing with its default "
+                "(dictionary-encoded) settings"
+            )
 
 
 class _PendingRows:
