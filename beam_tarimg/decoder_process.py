@@ -162,6 +162,10 @@ class DecoderProcess:
 
     def _start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Blocking, whatever socket.setdefaulttimeout() says (Beam's GCS auth sets 60 s process-wide, which
+        # makes new sockets non-blocking underneath): the child inherits the descriptor's mode.
+        parent.setblocking(True)
+        child.setblocking(True)
         env = dict(os.environ)
         # The child imports beam_tarimg from wherever this process did (staged packages on a Beam worker).
         # Buffers of 4 MiB and more (the pixels of large images) come from mmap and go back to the system when
@@ -364,6 +368,7 @@ def _child_main(fd: int) -> None:
     _die_with_parent(int(sys.argv[2]))
     crash_request = _crash_request()
     sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
     from beam_tarimg.decode import DaliDecoder
 
     config = _recv(sock)

@@ -264,3 +264,21 @@ def test_decoder__refuses_without_decoding_what_claims_more_than_it_can_hold():
     assert out[0].pixels is None and "max_pixels=50000" in out[0].error
     assert np.array_equal(out[1].pixels, pillow_rgb(good))
     assert decoder.builds == 1 and small.builds == 1  # nothing refused went to DALI
+
+
+def test_decoder__works_after_a_process_wide_default_socket_timeout():
+    # Beam's GCS auth calls socket.setdefaulttimeout(60): new sockets are then non-blocking underneath, and
+    # the decoder process's socket with them, unless it says otherwise.
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu")
+        blobs = [make_jpeg(i, 300, 200) for i in range(8)]  # runs big enough to need more than one read
+        for _ in range(3):
+            outcomes = decoder.decode(blobs)
+            assert all(np.array_equal(o.pixels, pillow_rgb(b)) for o, b in zip(outcomes, blobs))
+        assert decoder.crashes == 0
+    finally:
+        socket.setdefaulttimeout(previous)
