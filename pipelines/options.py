@@ -27,8 +27,11 @@ DEFAULT_RUNNER = "FnApiRunner"
 _BEAM_FLAGS_EPILOG = (
     "Every other flag is a standard Beam pipeline option and is passed through to Beam, e.g. --runner "
     "(default here: FnApiRunner), --direct_num_workers, --direct_running_mode, --temp_location. "
-    "Exit codes: 0 done, 2 usage error (bad flag, input that matches nothing, unwritable output), "
-    "1 the pipeline failed."
+    "Exit codes: 0 done; 1 the pipeline failed; 2 usage error (bad flag, input that matches nothing, "
+    "unwritable output, outputs of an earlier run without --overwrite); 3 tars matched but no image was "
+    "written (the failures by stage go to stderr); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). "
+    "An interrupted job removes what it had written. On a local runner a progress display goes to stderr: a "
+    "bar on a terminal, else a line every BEAM_TARIMG_PROGRESS_INTERVAL seconds (default 10)."
 )
 
 
@@ -79,7 +82,8 @@ class TarImagesOptions(PipelineOptions):
         parser.add_argument("--jpeg_quality", type=int, default=95, help="quality of --image_format jpeg (95)")
         parser.add_argument(
             "--num_shards", type=int, default=0,
-            help="number of output files (default 0: the runner decides)",
+            help="number of output files (default 0: the runner decides). Distributed runners only: Beam's "
+                 "fixed sharding groups the whole output by shard, which a local runner holds in memory",
         )
         parser.add_argument(
             "--row_group_mb", type=int, default=64,
@@ -89,6 +93,21 @@ class TarImagesOptions(PipelineOptions):
             "--preview_rows", type=int, default=5,
             help="after the summary, print this many rows of the output (default 5; 0 for none)",
         )
+        add_job_flags(parser)
+
+
+def add_job_flags(parser) -> None:
+    """The flags of how a job runs (not of what it reads or writes)."""
+    parser.add_argument(
+        "--overwrite", action="store_true", default=False,
+        help="remove the files of an earlier run at --output (its shards and beam-temp-* folders) and "
+             "--failures first; without it a job refuses to start where they exist",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", default=False,
+        help="no progress display on stderr (shown on local runners: a bar on a terminal, else a line every "
+             "10 s, or every BEAM_TARIMG_PROGRESS_INTERVAL seconds)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -154,7 +173,10 @@ def runner_name(beam_args: List[str]) -> str:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """Creates (and deletes) a probe file where ``path`` will be written; raises UsageError if that fails."""
+    """Creates (and deletes) a probe file where ``path`` will be written; raises UsageError if that fails.
+
+    The probe holds a few bytes: Beam's S3 filesystem cannot write an empty file (it completes a multipart
+    upload with no part, which S3 rejects as MalformedXML)."""
     if not path:
         raise UsageError(f"{flag} is required")
     try:
@@ -163,7 +185,7 @@ def check_writable(path: str, flag: str) -> None:
             f".beam-tarimg-probe-{uuid.uuid4().hex}"
         )
         with FileSystems.create(probe) as f:
-            f.write(b"")
+            f.write(b"beam-tarimg write probe\n")
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem: permissions, a file where a directory should be, no such bucket
         raise UsageError(f"{flag} {path!r} is not writable: {type(e).__name__}: {e}") from None
