@@ -50,32 +50,12 @@ for _name in ("apache_beam.runners.portability.local_job_service", "apache_beam.
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
 
-import apache_beam as beam  # noqa: E402
-from apache_beam.io import fileio  # noqa: E402
-from apache_beam.metrics import Metrics  # noqa: E402
-from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
-
-from beam_tarimg.decode import cuda_device_count  # noqa: E402
-from beam_tarimg.transforms import (  # noqa: E402
-    NAMESPACE,
-    ReadAllImagesFromTars,
-    is_local_runner,
-    match_tars,
-    tar_pattern,
-)
-from beam_tarimg.types import FailureStage, ImageFailure  # noqa: E402
-from pipelines import outputs, progress, supervise  # noqa: E402
-from pipelines.options import (  # noqa: E402
-    UsageError,
-    check_writable,
-    parse_args,
-    runner_name,
-)
+from beam_tarimg.types import FailureStage  # noqa: E402  (Beam-free)
+from pipelines import progress, supervise  # noqa: E402  (Beam-free)
+from pipelines.options import UsageError, parse_args  # noqa: E402  (imports Beam only once our flags are fine)
 
 # Exit codes of the jobs (README, --help).
 EXIT_OK = 0
@@ -85,49 +65,8 @@ EXIT_NOTHING_WRITTEN = 3  # tars matched, but not one image was written (or deco
 EXIT_SIGINT = supervise.EXIT_SIGINT  # 130: interrupted with Ctrl-C / SIGINT; partial outputs removed
 EXIT_SIGTERM = supervise.EXIT_SIGTERM  # 143: terminated with SIGTERM; partial outputs removed
 
-_EXAMPLES_PER_STAGE = 3
-
-SinkFactory = Callable[[object], beam.PTransform]
+SinkFactory = Callable[[object], "beam.PTransform"]
 PreviewFn = Callable[[str, int], List[str]]
-
-
-class _FailureToJsonFn(beam.DoFn):
-    """An ImageFailure as one JSON line (tar, member, stage, error). Counters: failure_records, and
-    failures_<stage> for each stage; string set failure_examples: the first few failures of each stage seen by
-    each worker process (JSON), so that a job can say why it lost inputs without holding its failures."""
-
-    _examples_lock = threading.Lock()
-    _examples_given: Dict[str, int] = {}  # per process: how many examples of each stage were recorded
-
-    def setup(self):
-        self._failures = Metrics.counter(NAMESPACE, "failure_records")
-        self._by_stage = {stage: Metrics.counter(NAMESPACE, f"failures_{stage}") for stage in FailureStage.ALL}
-        self._examples = Metrics.string_set(NAMESPACE, "failure_examples")
-
-    def process(self, failure: ImageFailure):
-        self._failures.inc()
-        counter = self._by_stage.get(failure.stage)
-        if counter is not None:
-            counter.inc()
-        progress.report(progress.FAILURES)
-        record = failure.to_dict()
-        with self._examples_lock:
-            given = self._examples_given.get(failure.stage, 0)
-            if given < _EXAMPLES_PER_STAGE:
-                self._examples_given[failure.stage] = given + 1
-                example = dict(record, error=str(record.get("error") or "")[:300])
-                self._examples.add(json.dumps(example, ensure_ascii=False, sort_keys=True))
-        yield json.dumps(record, ensure_ascii=False)
-
-
-class _RecordOutputFileFn(beam.DoFn):
-    """Records each written file name in the string-set metric files_written."""
-
-    def setup(self):
-        self._files = Metrics.string_set(NAMESPACE, "files_written")
-
-    def process(self, file_name):
-        self._files.add(str(file_name))
 
 
 def run_pipeline(
@@ -144,6 +83,15 @@ def run_pipeline(
     (``main_for`` exits with it after printing the failures by stage to stderr).
     """
     args, beam_args = parse_args(argv, prog, description)
+    import apache_beam as beam
+    from apache_beam.io import fileio
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_tarimg.decode import cuda_device_count
+    from beam_tarimg.transforms import ReadAllImagesFromTars, is_local_runner, match_tars, tar_pattern
+    from pipelines import outputs, steps
+    from pipelines.options import check_writable, runner_name
+
     if not args.input:
         raise UsageError("--input is required: a glob or a directory of .tar files")
     if make_sink is not None and not args.output:
@@ -198,14 +146,14 @@ def run_pipeline(
         pipeline
         | "MatchTars" >> fileio.MatchFiles(pattern, fileio.EmptyMatchTreatment.DISALLOW)
         | "SpreadTars" >> beam.Reshuffle()
-        | "ReportTarsDone" >> beam.ParDo(progress.TarDoneFn())
+        | "ReportTarsDone" >> beam.ParDo(steps.TarDoneFn())
     )
     batches, failures = tars | "ReadImagesFromTars" >> read
-    batches = batches | "ReportImages" >> beam.ParDo(progress.CountImagesFn())
+    batches = batches | "ReportImages" >> beam.ParDo(steps.CountImagesFn())
     if sink is not None:
         written = batches | "WriteImages" >> sink
-        _ = written | "RecordOutputFiles" >> beam.ParDo(_RecordOutputFileFn())
-    lines = failures | "FailuresToJson" >> beam.ParDo(_FailureToJsonFn())
+        _ = written | "RecordOutputFiles" >> beam.ParDo(steps.RecordOutputFileFn())
+    lines = failures | "FailuresToJson" >> beam.ParDo(steps.FailureToJsonFn())
     if args.failures:
         # No failures, no file: Beam's S3 filesystem cannot write an empty file (a multipart upload of no part).
         _ = lines | "WriteFailures" >> beam.io.WriteToText(args.failures, shard_name_template="", skip_if_empty=True)
@@ -233,6 +181,10 @@ def run_pipeline(
 
 def _query(result) -> tuple:
     """(counters by name, string sets by name) of the beam_tarimg namespace, summed over steps."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beam_tarimg.transforms import NAMESPACE
+
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters: Dict[str, int] = {}
     for r in metrics.get("counters", []):
@@ -273,12 +225,14 @@ def _summary(result, seconds: float, runner: str, pattern: str, args, wrote: boo
 
 
 def _examples(values) -> List[dict]:
-    """The sampled failures, at most _EXAMPLES_PER_STAGE per stage, in a stable order."""
+    """The sampled failures, at most EXAMPLES_PER_STAGE per stage, in a stable order."""
+    from pipelines.steps import EXAMPLES_PER_STAGE
+
     examples = sorted((json.loads(v) for v in values), key=lambda e: (e["stage"], e["tar"], e["member"] or ""))
     kept: List[dict] = []
     per_stage: Dict[str, int] = {}
     for e in examples:
-        if per_stage.get(e["stage"], 0) < _EXAMPLES_PER_STAGE:
+        if per_stage.get(e["stage"], 0) < EXAMPLES_PER_STAGE:
             per_stage[e["stage"]] = per_stage.get(e["stage"], 0) + 1
             kept.append(e)
     return kept

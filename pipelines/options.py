@@ -7,6 +7,12 @@ Beam flag. Every flag it does not define is handed to Beam (``--runner``, ``--di
 Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever it reads options, so these
 flags have no ``required=True`` (that would break every other pipeline in the process) and other modules
 should reuse this class rather than define another ``--input`` or ``--output``.
+
+This module imports Apache Beam only when it needs it: ``--help`` and errors in our own flags come back
+without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
+access; a job's own run never makes it, so its flags do not travel to the workers (whose Beam would log them
+as unparseable). ``--overwrite`` and ``--quiet`` (``add_job_flags``) say how a job runs, not what its
+pipeline does, and are not pipeline options.
 """
 
 from __future__ import annotations
@@ -14,9 +20,6 @@ from __future__ import annotations
 import argparse
 import uuid
 from typing import List, Optional, Sequence, Tuple
-
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from beam_tarimg.decode import DEVICES
 from beam_tarimg.schema import IMAGE_FORMATS
@@ -39,8 +42,9 @@ class UsageError(Exception):
     """A user error found before any work was done; printed as one line, exit code 2."""
 
 
-class TarImagesOptions(PipelineOptions):
-    """Flags of ``python -m pipelines.tar_to_parquet`` / ``tar_to_tfrecord`` / ``summarize``."""
+class _TarImagesFlags:
+    """Flags of ``python -m pipelines.tar_to_parquet`` / ``tar_to_tfrecord`` / ``summarize``; the Beam-free
+    half of ``TarImagesOptions``."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -93,7 +97,16 @@ class TarImagesOptions(PipelineOptions):
             "--preview_rows", type=int, default=5,
             help="after the summary, print this many rows of the output (default 5; 0 for none)",
         )
-        add_job_flags(parser)
+
+
+def __getattr__(name):
+    if name == "TarImagesOptions":  # a PipelineOptions subclass, made (and Beam imported) on first use
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        cls = type("TarImagesOptions", (_TarImagesFlags, PipelineOptions), {"__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_job_flags(parser) -> None:
@@ -117,32 +130,36 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class _BeamFlagsParser(_BeamArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def parse_args(argv: Optional[Sequence[str]], prog: str, description: str) -> Tuple[argparse.Namespace, List[str]]:
     """Our flags, and the Beam flags (with ``--runner`` defaulted to FnApiRunner). Raises UsageError.
 
     ``--help`` prints our flags and exits with code 0.
     """
     parser = _Parser(prog=prog, description=description, epilog=_BEAM_FLAGS_EPILOG, allow_abbrev=False)
-    TarImagesOptions._add_argparse_args(parser)
+    _TarImagesFlags._add_argparse_args(parser)
+    add_job_flags(parser)
     args, beam_args = parser.parse_known_args(list(argv) if argv is not None else None)
+    _check_values(args)  # before Beam is imported: our own flags' errors come back at once
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     _check_beam_flags(beam_args)
     if PipelineOptions(beam_args).view_as(StandardOptions).runner is None:
         beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
-    _check_values(args)
     return args, beam_args
 
 
 def _check_beam_flags(beam_args: List[str]) -> None:
     """Every flag must be known to one of Beam's option classes (Beam itself would only log a warning)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    class _BeamFlagsParser(_BeamArgumentParser):
+        def error(self, message):
+            raise UsageError(message)
+
     parser = _BeamFlagsParser(allow_abbrev=False)
     seen = set()
     for cls in PipelineOptions.__subclasses__():
-        if cls is TarImagesOptions or str(cls) in seen:
+        if issubclass(cls, _TarImagesFlags) or str(cls) in seen:
             continue
         seen.add(str(cls))
         cls._add_argparse_args(parser)
@@ -168,6 +185,8 @@ def _check_values(args: argparse.Namespace) -> None:
 
 
 def runner_name(beam_args: List[str]) -> str:
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
     return runner if isinstance(runner, str) else type(runner).__name__
 
@@ -179,6 +198,8 @@ def check_writable(path: str, flag: str) -> None:
     upload with no part, which S3 rejects as MalformedXML)."""
     if not path:
         raise UsageError(f"{flag} is required")
+    from apache_beam.io.filesystems import FileSystems
+
     try:
         directory = path if path.endswith("/") else FileSystems.split(path)[0]
         probe = FileSystems.join(directory, f".beam-tarimg-probe-{uuid.uuid4().hex}") if directory else (

@@ -2,8 +2,8 @@
 
 The counts travel through a side channel, not through Beam's metrics: the local runners (the FnApiRunner and
 the DirectRunner, which runs on it) make a job's metrics visible only once ``pipeline.run()`` has returned.
-So the job's own pass-through steps (``TarDoneFn``, ``CountImagesFn``, and the failures step, see
-``report``) append one short line per event to a file of their process in a folder that the driver names in
+So the job's own pass-through steps (``pipelines.steps``: ``TarDoneFn``, ``CountImagesFn``, and the failures
+step, through ``report``) append one short line per event to a file of their process in a folder that the driver names in
 the environment variable ``BEAM_TARIMG_PROGRESS_DIR``. The SDK worker processes of
 ``--direct_running_mode multi_processing`` inherit the variable; where it is absent (a cluster's workers),
 reporting does nothing and the runner's UI and the job's Beam counters serve instead.
@@ -22,8 +22,6 @@ import tempfile
 import threading
 import time
 from typing import Dict, Optional, TextIO
-
-import apache_beam as beam
 
 ENV_DIR = "BEAM_TARIMG_PROGRESS_DIR"
 ENV_INTERVAL = "BEAM_TARIMG_PROGRESS_INTERVAL"
@@ -53,23 +51,6 @@ def report(kind: str, n: int = 1) -> None:
             os.write(_fd, f"{kind} {n}\n".encode("ascii"))  # one small O_APPEND write: never interleaved
     except OSError:  # the driver has gone or removed the folder: progress is best-effort
         pass
-
-
-class TarDoneFn(beam.DoFn):
-    """Passes each tar on, then reports it done: on every runner the steps fused after this one have
-    finished with an element when its ``yield`` returns."""
-
-    def process(self, tar):
-        yield tar
-        report(TARS)
-
-
-class CountImagesFn(beam.DoFn):
-    """Passes each ImageBatch on and reports its images."""
-
-    def process(self, batch):
-        report(IMAGES, len(batch))
-        yield batch
 
 
 class _Reader:

@@ -256,3 +256,28 @@ def test_a_tar_with_only_failures_leaves_no_empty_file_and_the_failures_file_onl
     assert "none written: nothing was lost" in proc.stdout
     assert "failures.jsonl" not in _left_in(out)
     assert all(os.path.getsize(out / n) > 0 for n in _left_in(out))
+
+
+# --- quiet and quick ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["--input", "x", "--batch_size", "many"], 2),
+                                       (["--input", "x", "--device", "tpu"], 2)], ids=["help", "bad value", "bad choice"])
+def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, tmp_path):
+    # As the job's own process runs (the supervising parent imports less still).
+    env = {**os.environ, "BEAM_TARIMG_CONTROL_DIR": str(tmp_path)}
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['tar_to_parquet', *{args!r}]\n"
+        "try:\n"
+        "    runpy.run_module('pipelines.tar_to_parquet', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "heavy = sorted(m for m in ('apache_beam', 'nvidia.dali', 'pyarrow') if m in sys.modules)\n"
+        "print('RESULT', code, heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=env)
+    assert f"RESULT {code} []" in proc.stderr, proc.stderr
+    assert (code == 0) == ("--overwrite" in proc.stdout)  # the help, or one error line
+    assert code == 0 or len(proc.stderr.strip().splitlines()) == 2 and "error:" in proc.stderr
