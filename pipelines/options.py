@@ -32,7 +32,7 @@ _BEAM_FLAGS_EPILOG = (
     "(default here: FnApiRunner), --direct_num_workers, --direct_running_mode, --temp_location. "
     "Exit codes: 0 done; 1 the pipeline failed; 2 usage error (bad flag, input that matches nothing, "
     "unwritable output, outputs of an earlier run without --overwrite); 3 tars matched but no image was "
-    "written (the failures by stage go to stderr); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM). "
+    "written (the failures by stage go to stderr); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM); 129 hung up (SIGHUP). "
     "An interrupted job removes what it had written. On a local runner a progress display goes to stderr: a "
     "bar on a terminal, else a line every BEAM_TARIMG_PROGRESS_INTERVAL seconds (default 10)."
 )

@@ -9,7 +9,7 @@ files in a private folder, where it is about to write (``announce_outputs``) and
 finished (``announce_done``). On SIGINT or SIGTERM the parent kills the child's whole process group and every
 descendant, then removes the job's shards, failures file and Beam staging folders (unless the pipeline had
 already finished, in which case its outputs are complete and stay), prints one line, and exits with
-128 + the signal number: 130 for SIGINT, 143 for SIGTERM.
+128 + the signal number: 130 for SIGINT, 143 for SIGTERM (129 for SIGHUP: the terminal closed).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def supervise(prog: str) -> int:
     def interrupted(signum, _frame):
         raise _Interrupted(signum)
 
-    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     child = None
     try:
         child = subprocess.Popen([sys.executable, "-m", module, *sys.argv[1:]], env=env,
@@ -90,6 +90,8 @@ def supervise(prog: str) -> int:
         removed = _remove_partial_outputs(folder)
         name = signal.Signals(e.signum).name
         done = f", {removed} partial outputs removed" if removed else ""
+        if sys.stderr.isatty():  # end the progress bar's line
+            print(file=sys.stderr)
         print(f"{prog}: interrupted by {name}; the job stopped ({stopped} processes ended{done})",
               file=sys.stderr, flush=True)
         return 128 + e.signum
