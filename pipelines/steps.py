@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Dict
 
 import apache_beam as beam
@@ -28,7 +29,10 @@ class FailureToJsonFn(beam.DoFn):
     without holding its failures."""
 
     _examples_lock = threading.Lock()
-    _examples_given: Dict[str, int] = {}  # per process: how many examples of each stage were recorded
+    _examples_given: Dict[tuple, int] = {}  # per process and job: how many examples of each stage were recorded
+
+    def __init__(self):
+        self._job = uuid.uuid4().hex  # several jobs may run in one process (run(argv) from Python, tests)
 
     def setup(self):
         self._failures = Metrics.counter(NAMESPACE, "failure_records")
@@ -43,9 +47,10 @@ class FailureToJsonFn(beam.DoFn):
         progress.report(progress.FAILURES)
         record = failure.to_dict()
         with self._examples_lock:
-            given = self._examples_given.get(failure.stage, 0)
+            key = (self._job, failure.stage)
+            given = self._examples_given.get(key, 0)
             if given < EXAMPLES_PER_STAGE:
-                self._examples_given[failure.stage] = given + 1
+                self._examples_given[key] = given + 1
                 example = dict(record, error=str(record.get("error") or "")[:300])
                 self._examples.add(json.dumps(example, ensure_ascii=False, sort_keys=True))
         yield json.dumps(record, ensure_ascii=False)

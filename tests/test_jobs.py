@@ -281,3 +281,18 @@ def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, t
     assert f"RESULT {code} []" in proc.stderr, proc.stderr
     assert (code == 0) == ("--overwrite" in proc.stdout)  # the help, or one error line
     assert code == 0 or len(proc.stderr.strip().splitlines()) == 2 and "error:" in proc.stderr
+
+
+def test_failure_examples_are_sampled_per_job_even_when_jobs_share_a_process(tmp_path, capsys):
+    from pipelines import summarize
+
+    data = tmp_path / "in"
+    data.mkdir()
+    for i in range(5):
+        (data / f"text{i}.tar").write_text("not a tar\n" * 40)
+    for _ in range(2):  # the second job in this process gets its own sample
+        summary = summarize.run(["--input", str(data), "--quiet", "--runner", "FnApiRunner"])
+        assert summary["exit_code"] == 3 and summary["failures_by_stage"] == {"read": 5}
+        examples = summary["failure_examples"]
+        assert len(examples) == 3 and {e["stage"] for e in examples} == {"read"}
+        assert all(e["tar"].startswith(str(data)) and e["error"] for e in examples)
