@@ -3,11 +3,13 @@
 Beam's local runners cannot be stopped from inside: a Ctrl-C during ``pipeline.run()`` surfaces as a
 ``RuntimeError`` (with a long traceback) while DoFn threads and the SDK worker processes of
 ``--direct_running_mode multi_processing`` go on writing, and Beam's file sinks leave ``beam-temp-*`` folders
-of partial files behind. So ``python -m pipelines.<job>`` starts the same command again as a child in its own
-session (the terminal's Ctrl-C reaches only this parent) and waits for it. The child tells the parent, through
-files in a private folder, where it is about to write (``announce_outputs``) and when the pipeline has
-finished (``announce_done``). On SIGINT or SIGTERM the parent kills the child's whole process group and every
-descendant, then removes the job's shards, failures file and Beam staging folders (unless the pipeline had
+of partial files behind. So ``python -m pipelines.<job>`` starts the same command again as a child that ignores SIGINT (as do the
+processes it starts, which inherit that: a terminal's Ctrl-C reaches the whole foreground process group, and
+only this parent acts on it) and waits for it. The child stays in this process group, so that whoever kills
+the group (a CI timeout, a harness) kills the job too. The child tells the parent, through files in a
+private folder, where it is about to write (``announce_outputs``) and when the pipeline has finished
+(``announce_done``). On SIGINT, SIGTERM or SIGHUP the parent kills the child and every process below it, then
+removes the job's shards, failures file and Beam staging folders (unless the pipeline had
 already finished, in which case its outputs are complete and stay), prints one line, and exits with
 128 + the signal number: 130 for SIGINT, 143 for SIGTERM (129 for SIGHUP: the terminal closed).
 """
@@ -77,7 +79,7 @@ def supervise(prog: str) -> int:
     child = None
     try:
         child = subprocess.Popen([sys.executable, "-m", module, *sys.argv[1:]], env=env,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, preexec_fn=_ignore_sigint)
         code = child.wait()
         if code < 0:
             print(f"{prog}: error: the job's process died of signal {-code}", file=sys.stderr)
@@ -99,6 +101,10 @@ def supervise(prog: str) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _descendants(pid: int) -> List[int]:
@@ -125,13 +131,10 @@ def _descendants(pid: int) -> List[int]:
 
 
 def _stop(child: subprocess.Popen) -> int:
-    """Kills the child, its process group and every descendant; returns how many processes that was."""
+    """Kills the child and every process below it, all found before any is killed (a process whose parent
+    dies is handed to init, out of reach of the tree); returns how many processes that was."""
     victims = [child.pid, *_descendants(child.pid)]
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    for pid in victims:
+    for pid in reversed(victims):  # the deepest first
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:

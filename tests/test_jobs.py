@@ -7,6 +7,7 @@ bounded wait and is killed when it runs past it, so that a regression fails inst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -111,16 +112,15 @@ def _feed_fifo(path, data, stop):
         os.close(fd)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig,code,runner", [
-    (signal.SIGINT, 130, ["--runner", "FnApiRunner"]),
-    (signal.SIGTERM, 143, ["--runner", "FnApiRunner"]),
-    (signal.SIGINT, 130, ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing",
-                          "--direct_num_workers", "2"]),
-], ids=["SIGINT-FnApiRunner", "SIGTERM-FnApiRunner", "SIGINT-DirectRunner-multi_processing"])
-def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leaves_no_partial_file(
-        tmp_path, sig, code, runner):
-    # A tar that is a FIFO: the job decodes and writes the images fed so far, then waits for more, mid-write.
+_FNAPI = ["--runner", "FnApiRunner"]
+_MULTI = ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
+
+
+@contextlib.contextmanager
+def _job_mid_write(tmp_path, runner):
+    """A tar_to_parquet job stopped mid-write: its one tar is a FIFO fed half a tar and kept open, so the job
+    has decoded and written the images fed so far and waits for more. Yields (process, output folder, mark);
+    every process of the job has ``mark`` in its environment. The job runs in its own process group."""
     data_dir, out = tmp_path / "in", tmp_path / "out"
     data_dir.mkdir()
     rng = np.random.default_rng(0)
@@ -133,13 +133,12 @@ def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leave
     stop = threading.Event()
     feeder = threading.Thread(target=_feed_fifo, args=(str(fifo), raw[: len(raw) // 2], stop), daemon=True)
     feeder.start()
-
     mark = f"beam-tarimg-test-{uuid.uuid4().hex}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.tar_to_parquet", "--input", str(data_dir), "--output",
          str(out / "images"), "--failures", str(out / "failures.jsonl"), "--batch_size", "4",
          "--row_group_mb", "1", "--quiet", *runner],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark})
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -149,20 +148,56 @@ def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leave
             partial = [os.path.join(root, name) for root, _, names in os.walk(out) for name in names
                        if os.path.getsize(os.path.join(root, name)) > 0]
         assert partial and any("beam-temp-" in p for p in partial), (proc.poll(), _left_in(out))
-        assert len(_processes_with(mark)) >= 2  # the job's driver and its runner (and SDK workers)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=120)
+        assert len(_processes_with(mark)) >= 2  # the command and the job's process (and SDK workers)
+        yield proc, out, mark
     finally:
         stop.set()
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,runner,to_group", [
+    (signal.SIGINT, 130, _FNAPI, False),
+    (signal.SIGTERM, 143, _FNAPI, False),
+    (signal.SIGINT, 130, _MULTI, False),
+    (signal.SIGINT, 130, _MULTI, True),
+], ids=["SIGINT-FnApiRunner", "SIGTERM-FnApiRunner", "SIGINT-DirectRunner-multi_processing",
+        "Ctrl-C-to-the-process-group-DirectRunner-multi_processing"])
+def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leaves_no_partial_file(
+        tmp_path, sig, code, runner, to_group):
+    with _job_mid_write(tmp_path, runner) as (proc, out, mark):
+        if to_group:  # what a terminal does on Ctrl-C
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and f"interrupted by {signal.Signals(sig).name}" in lines[0], stderr
     assert "Traceback" not in stderr
     assert _left_in(out) == []  # no beam-temp-* folder, no partial shard, no failures file
     assert _processes_with(mark) == []
+
+
+@pytest.mark.slow
+def test_killing_the_process_group_kills_the_whole_job_and_overwrite_cleans_what_it_left(tmp_path, shards):
+    with _job_mid_write(tmp_path, _MULTI) as (proc, out, mark):
+        os.killpg(proc.pid, signal.SIGKILL)  # a CI timeout: nobody gets to clean up
+        proc.communicate(timeout=120)
+        deadline = time.monotonic() + 60
+        while _processes_with(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_with(mark) == []
+    assert any(n.startswith("beam-temp-images-") for n in _left_in(out))
+    args = ["--input", str(shards), "--output", str(out / "images"), "--failures", str(out / "failures.jsonl"),
+            "--quiet", "--runner", "FnApiRunner"]
+    refused = _cli("tar_to_parquet", *args)
+    assert refused.returncode == 2 and "beam-temp-images-" in refused.stderr, refused.stderr
+    rerun = _cli("tar_to_parquet", *args, "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    assert not [n for n in _left_in(out) if n.startswith("beam-temp-")]
 
 
 # --- exit codes --------------------------------------------------------------------------------------------
