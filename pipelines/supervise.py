@@ -132,13 +132,15 @@ def _descendants(pid: int) -> List[int]:
 
 def _stop(child: subprocess.Popen) -> int:
     """Kills the child and every process below it, all found before any is killed (a process whose parent
-    dies is handed to init, out of reach of the tree); returns how many processes that was."""
+    dies is handed to init, out of reach of the tree), and all stopped before any is killed (so that none
+    prints a traceback about another's death); returns how many processes that was."""
     victims = [child.pid, *_descendants(child.pid)]
-    for pid in reversed(victims):  # the deepest first
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
     try:
         child.wait(timeout=_KILL_WAIT_S)
     except subprocess.TimeoutExpired:
