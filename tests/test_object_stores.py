@@ -66,14 +66,24 @@ def _job(*args, env=None):
     return proc
 
 
+def _digest(value):
+    """A row value with its bytes (pixels, encoded images, also inside structs) replaced by their sha256."""
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, dict):
+        return {k: _digest(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_digest(v) for v in value]
+    return value
+
+
 def _rows(parquet_files) -> dict:
-    """image_id -> (path, shape, pixels digest, metadata) over Parquet files given as bytes."""
+    """image_id -> every column of its row (bytes as digests), over Parquet files given as bytes."""
     rows = {}
     for data in parquet_files:
         for row in pq.read_table(io.BytesIO(data)).to_pylist():
             assert row["image_id"] not in rows
-            rows[row["image_id"]] = (row["image_path"], (row["height"], row["width"], row["channels"]),
-                                     hashlib.sha256(row["image_data"]).hexdigest(), row["metadata"])
+            rows[row["image_id"]] = _digest(row)
     return rows
 
 
