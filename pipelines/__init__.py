@@ -15,15 +15,38 @@ from __future__ import annotations
 import logging
 
 
-class _DropBeamImportNoise(logging.Filter):
-    """Beam logs this on import when the optional GCP client libraries are absent; it concerns BigQuery only."""
+class _DropBeamNoise(logging.Filter):
+    """Drops Beam log lines that concern nothing a user of these jobs did or can act on:
+
+    - ``apitools not found``: logged on import when the GCP client libraries are absent; BigQuery only.
+    - the SDK workers of ``--direct_running_mode multi_processing`` (relayed by the local job service):
+      ``Discarding unparseable args``, because a worker knows only Beam's own option classes (it lists Beam's
+      ``--direct_runner_use_stacked_bundle`` beside our flags; the driver has checked every flag before the
+      run), and ``No semi_persistent_directory found``, which concerns staged files that local runs have none of.
+    - ``No shards found to finalize``: Beam's file sink with ``skip_if_empty``, i.e. no failures, no file.
+    """
+
+    _WORKER_NOISE = ("Discarding unparseable args", "No semi_persistent_directory found",
+                     "No shards found to finalize")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("apitools not found")
+        message = str(record.msg)
+        if message.startswith("apitools not found"):
+            return False
+        if record.name.startswith(("apache_beam.runners.portability", "apache_beam.io.filebasedsink")) and any(
+            noise in message or any(noise in str(a) for a in (record.args or ())) for noise in self._WORKER_NOISE
+        ):
+            return False
+        return True
 
 
-# Installed before apache_beam is imported, so that a command-line error stays one line on stderr.
-logging.getLogger().addFilter(_DropBeamImportNoise())
+# Installed before apache_beam is imported, so that a command-line error stays one line on stderr. Handlers
+# get it too: a filter on the root logger does not see records propagated from Beam's own loggers.
+_NOISE_FILTER = _DropBeamNoise()
+logging.getLogger().addFilter(_NOISE_FILTER)
+logging.getLogger("apache_beam").addFilter(_NOISE_FILTER)
+for _name in ("apache_beam.runners.portability.local_job_service", "apache_beam.io.filebasedsink"):
+    logging.getLogger(_name).addFilter(_NOISE_FILTER)
 
 import json  # noqa: E402
 import os  # noqa: E402
@@ -31,50 +54,20 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
 
-import apache_beam as beam  # noqa: E402
-from apache_beam.metrics import Metrics  # noqa: E402
-from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from beam_tarimg.types import FailureStage  # noqa: E402  (Beam-free)
+from pipelines import progress, supervise  # noqa: E402  (Beam-free)
+from pipelines.options import UsageError, parse_args  # noqa: E402  (imports Beam only once our flags are fine)
 
-from beam_tarimg.decode import cuda_device_count  # noqa: E402
-from beam_tarimg.transforms import (  # noqa: E402
-    NAMESPACE,
-    ReadImagesFromTars,
-    is_local_runner,
-    match_tars,
-    tar_pattern,
-)
-from beam_tarimg.types import ImageFailure  # noqa: E402
-from pipelines.options import (  # noqa: E402
-    UsageError,
-    check_writable,
-    parse_args,
-    runner_name,
-)
+# Exit codes of the jobs (README, --help).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the pipeline raised
+EXIT_USAGE = 2  # a user error found before any work: a bad flag, no input, an unwritable or existing output
+EXIT_NOTHING_WRITTEN = 3  # tars matched, but not one image was written (or decoded, for summarize)
+EXIT_SIGINT = supervise.EXIT_SIGINT  # 130: interrupted with Ctrl-C / SIGINT; partial outputs removed
+EXIT_SIGTERM = supervise.EXIT_SIGTERM  # 143: terminated with SIGTERM; partial outputs removed
 
-SinkFactory = Callable[[object], beam.PTransform]
+SinkFactory = Callable[[object], "beam.PTransform"]
 PreviewFn = Callable[[str, int], List[str]]
-
-
-class _FailureToJsonFn(beam.DoFn):
-    """An ImageFailure as one JSON line (tar, member, stage, error). Counter: failure_records."""
-
-    def setup(self):
-        self._failures = Metrics.counter(NAMESPACE, "failure_records")
-
-    def process(self, failure: ImageFailure):
-        self._failures.inc()
-        yield json.dumps(failure.to_dict(), ensure_ascii=False)
-
-
-class _RecordOutputFileFn(beam.DoFn):
-    """Records each written file name in the string-set metric files_written."""
-
-    def setup(self):
-        self._files = Metrics.string_set(NAMESPACE, "files_written")
-
-    def process(self, file_name):
-        self._files.add(str(file_name))
 
 
 def run_pipeline(
@@ -87,20 +80,38 @@ def run_pipeline(
     flags: Optional[Sequence[str]] = None,
 ) -> Dict[str, object]:
     """Checks the flags (the job's ``flags``; default all) and paths (raising UsageError before any work),
-    runs, prints and returns the summary."""
+    runs, prints and returns the summary.
+
+    The summary's ``exit_code`` is 0, or ``EXIT_NOTHING_WRITTEN`` when tars matched but no image came out
+    (``main_for`` exits with it after printing the failures by stage to stderr).
+    """
     args, beam_args = parse_args(argv, prog, description, flags)
+    import apache_beam as beam
+    from apache_beam.io import fileio
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_tarimg.decode import cuda_device_count
+    from beam_tarimg.transforms import ReadAllImagesFromTars, is_local_runner, match_tars, tar_pattern
+    from pipelines import outputs, steps
+    from pipelines.options import check_writable, runner_name
+
     if not args.input:
         raise UsageError("--input is required: a glob or a directory of .tar files")
     if make_sink is not None and not args.output:
         raise UsageError("--output is required: the path prefix of the output files")
     runner = runner_name(beam_args)
-    if args.device == "gpu" and is_local_runner(runner) and cuda_device_count() == 0:
+    local = is_local_runner(runner)
+    if args.device == "gpu" and local and cuda_device_count() == 0:
         raise UsageError("--device gpu: no CUDA device is visible on this machine; use --device auto or cpu")
+    if make_sink is not None and args.num_shards and local:
+        raise UsageError(
+            f"--num_shards {args.num_shards}: on a local runner ({runner}) Beam's fixed sharding groups every "
+            "row by shard in memory (the whole output); leave it out to get one file per bundle, or run on a "
+            "distributed runner"
+        )
     pattern = tar_pattern(args.input)
     try:
-        read = ReadImagesFromTars(
-            pattern,
-            validate=False,
+        read = ReadAllImagesFromTars(
             batch_size=args.batch_size,
             num_threads=args.num_threads,
             device=args.device,
@@ -113,30 +124,54 @@ def run_pipeline(
         raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     # Touch the filesystems last: matching may list a bucket, and the write probes create directories.
     try:
-        match_tars(pattern)
+        matched = match_tars(pattern)
     except ValueError as e:
         raise UsageError(f"--input: {e}") from None
+    output = args.output if sink is not None else None
+    if args.failures and "://" not in args.failures and os.path.isdir(args.failures):
+        raise UsageError(f"--failures {args.failures!r} is a directory; give a file path")
+    existing = outputs.job_files(output, args.failures)
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{len(existing)} files of an earlier run exist ({outputs.describe(existing)}); "
+            "give --overwrite to remove them first, or another --output / --failures"
+        )
     if sink is not None:
         check_writable(args.output, "--output")
     if args.failures:
-        if "://" not in args.failures and os.path.isdir(args.failures):
-            raise UsageError(f"--failures {args.failures!r} is a directory; give a file path")
         check_writable(args.failures, "--failures")
+    if existing:
+        outputs.remove(existing)
+    # From here on this job writes: a supervising parent removes what it wrote if it is interrupted.
+    supervise.announce_outputs(output, args.failures, beam_args)
 
-    batches, failures = pipeline | "ReadImagesFromTars" >> read
+    tars = (
+        pipeline
+        | "MatchTars" >> fileio.MatchFiles(pattern, fileio.EmptyMatchTreatment.DISALLOW)
+        | "SpreadTars" >> beam.Reshuffle()
+        | "ReportTarsDone" >> beam.ParDo(steps.TarDoneFn())
+    )
+    batches, failures = tars | "ReadImagesFromTars" >> read
+    batches = batches | "ReportImages" >> beam.ParDo(steps.CountImagesFn())
     if sink is not None:
         written = batches | "WriteImages" >> sink
-        _ = written | "RecordOutputFiles" >> beam.ParDo(_RecordOutputFileFn())
-    lines = failures | "FailuresToJson" >> beam.ParDo(_FailureToJsonFn())
+        _ = written | "RecordOutputFiles" >> beam.ParDo(steps.RecordOutputFileFn())
+    lines = failures | "FailuresToJson" >> beam.ParDo(steps.FailureToJsonFn())
     if args.failures:
-        _ = lines | "WriteFailures" >> beam.io.WriteToText(args.failures, shard_name_template="")
+        # No failures, no file: Beam's S3 filesystem cannot write an empty file (a multipart upload of no part).
+        _ = lines | "WriteFailures" >> beam.io.WriteToText(args.failures, shard_name_template="", skip_if_empty=True)
 
     start = time.perf_counter()
-    result = pipeline.run()
-    result.wait_until_finish()
+    with progress.ProgressDisplay(prog, len(matched), enabled=local and not args.quiet):
+        result = pipeline.run()
+        result.wait_until_finish()
     seconds = time.perf_counter() - start
+    supervise.announce_done()
 
     summary = _summary(result, seconds, runner, pattern, args, wrote=sink is not None)
+    summary["tars_matched"] = len(matched)
+    images = summary["images_written"] if sink is not None else summary["images_decoded"]
+    summary["exit_code"] = EXIT_NOTHING_WRITTEN if images == 0 else EXIT_OK
     print_summary(prog, summary)
     if preview is not None and args.preview_rows and summary["output_files"]:
         first = summary["output_files"][0]
@@ -149,6 +184,10 @@ def run_pipeline(
 
 def _query(result) -> tuple:
     """(counters by name, string sets by name) of the beam_tarimg namespace, summed over steps."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beam_tarimg.transforms import NAMESPACE
+
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters: Dict[str, int] = {}
     for r in metrics.get("counters", []):
@@ -180,10 +219,39 @@ def _summary(result, seconds: float, runner: str, pattern: str, args, wrote: boo
         "failures": counters.get("failure_records", 0),
         "members_skipped": counters.get("members_skipped", 0),
         "decoder_crashes": counters.get("decoder_crashes", 0),
+        "failures_by_stage": {stage: counters[f"failures_{stage}"] for stage in FailureStage.ALL
+                              if counters.get(f"failures_{stage}")},
+        "failure_examples": _examples(string_sets.get("failure_examples", ())),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 1) if seconds > 0 else 0.0,
         "counters": counters,
     }
+
+
+def _examples(values) -> List[dict]:
+    """The sampled failures, at most EXAMPLES_PER_STAGE per stage, in a stable order."""
+    from pipelines.steps import EXAMPLES_PER_STAGE
+
+    examples = sorted((json.loads(v) for v in values), key=lambda e: (e["stage"], e["tar"], e["member"] or ""))
+    kept: List[dict] = []
+    per_stage: Dict[str, int] = {}
+    for e in examples:
+        if per_stage.get(e["stage"], 0) < EXAMPLES_PER_STAGE:
+            per_stage[e["stage"]] = per_stage.get(e["stage"], 0) + 1
+            kept.append(e)
+    return kept
+
+
+def failure_report(s: Dict[str, object]) -> List[str]:
+    """The failures by stage, then the first few reasons of each stage, as lines."""
+    by_stage = s["failures_by_stage"]
+    if not by_stage:
+        return ["  no failure was recorded: the tars hold no members with the JPEG extensions (--extensions)"]
+    lines = ["  failures by stage: " + ", ".join(f"{stage} {n}" for stage, n in by_stage.items())]
+    for e in s["failure_examples"]:
+        where = e["tar"] + (f" member {e['member']}" if e["member"] else "")
+        lines.append(f"    {e['stage']:<8} {where}: {e['error']}")
+    return lines
 
 
 def print_summary(prog: str, s: Dict[str, object]) -> None:
@@ -197,6 +265,8 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
         print(f"  tars not opened  {s['tars_failed']}")
     print(f"  {what:<16} {count} ({s['images_per_second']} images/s)")
     print(f"  failures         {s['failures']} ({s['images_failed']} images lost)")
+    if s["failures_by_stage"]:
+        print("  by stage         " + ", ".join(f"{stage} {n}" for stage, n in s["failures_by_stage"].items()))
     print(f"  members skipped  {s['members_skipped']}")
     if s["decoder_crashes"]:
         print(f"  decoder crashes  {s['decoder_crashes']} (contained: each cost at most the image that caused it)")
@@ -205,7 +275,8 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
         where = files[0] if len(files) == 1 else f"{s['output']}* ({len(files)} files)"
         print(f"  output           {where}")
     if s["failures_path"]:
-        print(f"  failures file    {s['failures_path']}")
+        written = s["failures_path"] if s["failures"] else "none written: nothing was lost"
+        print(f"  failures file    {written}")
 
 
 def preview_lines(rows: List[dict]) -> List[str]:
@@ -219,13 +290,25 @@ def preview_lines(rows: List[dict]) -> List[str]:
 
 
 def main_for(run: Callable[[Optional[Sequence[str]]], Dict[str, object]], prog: str) -> None:
-    """Runs ``run(None)``; a UsageError becomes one line on stderr and exit code 2."""
+    """The command line: runs the job in a supervised child process (see ``pipelines.supervise``), which
+    calls ``run(None)``. Exit codes: 0 done; 1 the pipeline failed; 2 a usage error (one line on stderr);
+    3 tars matched but no image was written (the failures by stage and first reasons on stderr); 130 / 143
+    interrupted by SIGINT / SIGTERM (one line; worker processes ended, partial outputs removed)."""
+    if supervise.should_supervise():
+        sys.exit(supervise.supervise(prog))
     try:
-        run(None)
+        summary = run(None)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+        sys.exit(EXIT_SIGINT)
+    if summary.get("exit_code") == EXIT_NOTHING_WRITTEN:
+        what = "written" if summary["output"] is not None else "decoded"
+        print(f"{prog}: error: {summary['tars_matched']} tars matched but no image was {what}; "
+              f"{summary['failures']} failures", file=sys.stderr)
+        for line in failure_report(summary):
+            print(line, file=sys.stderr)
+        sys.exit(EXIT_NOTHING_WRITTEN)
+    sys.exit(EXIT_OK)

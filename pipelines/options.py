@@ -8,6 +8,12 @@ Beam flag. It defines the flags of every job; each job takes only its own set (`
 Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever it reads options, so these
 flags have no ``required=True`` (that would break every other pipeline in the process) and other modules
 should reuse this class rather than define another ``--input`` or ``--output``.
+
+This module imports Apache Beam only when it needs it: ``--help`` and errors in our own flags come back
+without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
+access; a job's own run never makes it, so its flags do not travel to the workers (whose Beam would log them
+as unparseable). ``--overwrite`` and ``--quiet`` (``add_job_flags``) say how a job runs, not what its
+pipeline does, and are not pipeline options.
 """
 
 from __future__ import annotations
@@ -15,9 +21,6 @@ from __future__ import annotations
 import argparse
 import uuid
 from typing import List, Optional, Sequence, Tuple
-
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from beam_tarimg.decode import DEVICES
 from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, PARQUET_CODECS
@@ -28,8 +31,11 @@ DEFAULT_RUNNER = "FnApiRunner"
 _BEAM_FLAGS_EPILOG = (
     "Every other flag is a standard Beam pipeline option and is passed through to Beam, e.g. --runner "
     "(default here: FnApiRunner), --direct_num_workers, --direct_running_mode, --temp_location. "
-    "Exit codes: 0 done, 2 usage error (bad flag, input that matches nothing, unwritable output), "
-    "1 the pipeline failed."
+    "Exit codes: 0 done; 1 the pipeline failed; 2 usage error (bad flag, input that matches nothing, "
+    "unwritable output, outputs of an earlier run without --overwrite); 3 tars matched but no image was "
+    "written (the failures by stage go to stderr); 130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM); 129 hung up (SIGHUP). "
+    "An interrupted job removes what it had written. On a local runner a progress display goes to stderr: a "
+    "bar on a terminal, else a line every BEAM_TARIMG_PROGRESS_INTERVAL seconds (default 10)."
 )
 
 
@@ -43,8 +49,9 @@ class UsageError(Exception):
     """A user error found before any work was done; printed as one line, exit code 2."""
 
 
-class TarImagesOptions(PipelineOptions):
-    """Flags of ``python -m pipelines.tar_to_parquet`` / ``tar_to_tfrecord`` / ``summarize``."""
+class _TarImagesFlags:
+    """Flags of ``python -m pipelines.tar_to_parquet`` / ``tar_to_tfrecord`` / ``summarize``; the Beam-free
+    half of ``TarImagesOptions``."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
@@ -88,7 +95,8 @@ class TarImagesOptions(PipelineOptions):
         parser.add_argument("--jpeg_quality", type=int, default=95, help="quality of --image_format jpeg (95)")
         parser.add_argument(
             "--num_shards", type=int, default=0,
-            help="number of output files (default 0: the runner decides)",
+            help="number of output files (default 0: the runner decides). Distributed runners only: Beam's "
+                 "fixed sharding groups the whole output by shard, which a local runner holds in memory",
         )
         parser.add_argument(
             "--row_group_mb", type=int, default=64,
@@ -116,14 +124,33 @@ class _SomeFlags:
             self._parser.add_argument(*option_strings, **kwargs)
 
 
+def __getattr__(name):
+    if name == "TarImagesOptions":  # a PipelineOptions subclass, made (and Beam imported) on first use
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        cls = type("TarImagesOptions", (_TarImagesFlags, PipelineOptions), {"__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def add_job_flags(parser) -> None:
+    """The flags of how a job runs (not of what it reads or writes)."""
+    parser.add_argument(
+        "--overwrite", action="store_true", default=False,
+        help="remove the files of an earlier run first (the output's shards and beam-temp-* folders, the "
+             "failures file); without it a job refuses to start where they exist",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", default=False,
+        help="no progress display on stderr (shown on local runners: a bar on a terminal, else a line every "
+             "10 s, or every BEAM_TARIMG_PROGRESS_INTERVAL seconds)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors raised as UsageError instead of printing the usage and exiting."""
 
-    def error(self, message):
-        raise UsageError(message)
-
-
-class _BeamFlagsParser(_BeamArgumentParser):
     def error(self, message):
         raise UsageError(message)
 
@@ -137,25 +164,34 @@ def parse_args(argv: Optional[Sequence[str]], prog: str, description: str,
     on its command line and keep their defaults in the returned namespace.
     """
     parser = _Parser(prog=prog, description=description, epilog=_BEAM_FLAGS_EPILOG, allow_abbrev=False)
-    TarImagesOptions._add_argparse_args(parser if flags is None else _SomeFlags(parser, flags))
+    _TarImagesFlags._add_argparse_args(parser if flags is None else _SomeFlags(parser, flags))
+    add_job_flags(parser)
     args, beam_args = parser.parse_known_args(list(argv) if argv is not None else None)
     every_flag = argparse.ArgumentParser(add_help=False)
-    TarImagesOptions._add_argparse_args(every_flag)
+    _TarImagesFlags._add_argparse_args(every_flag)
     for name, default in vars(every_flag.parse_args([])).items():
         args.__dict__.setdefault(name, default)
+    _check_values(args)  # before Beam is imported: our own flags' errors come back at once
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     _check_beam_flags(beam_args)
     if PipelineOptions(beam_args).view_as(StandardOptions).runner is None:
         beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
-    _check_values(args)
     return args, beam_args
 
 
 def _check_beam_flags(beam_args: List[str]) -> None:
     """Every flag must be known to one of Beam's option classes (Beam itself would only log a warning)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    class _BeamFlagsParser(_BeamArgumentParser):
+        def error(self, message):
+            raise UsageError(message)
+
     parser = _BeamFlagsParser(allow_abbrev=False)
     seen = set()
     for cls in PipelineOptions.__subclasses__():
-        if cls is TarImagesOptions or str(cls) in seen:
+        if issubclass(cls, _TarImagesFlags) or str(cls) in seen:
             continue
         seen.add(str(cls))
         cls._add_argparse_args(parser)
@@ -181,21 +217,28 @@ def _check_values(args: argparse.Namespace) -> None:
 
 
 def runner_name(beam_args: List[str]) -> str:
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
     runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
     return runner if isinstance(runner, str) else type(runner).__name__
 
 
 def check_writable(path: str, flag: str) -> None:
-    """Creates (and deletes) a probe file where ``path`` will be written; raises UsageError if that fails."""
+    """Creates (and deletes) a probe file where ``path`` will be written; raises UsageError if that fails.
+
+    The probe holds a few bytes: Beam's S3 filesystem cannot write an empty file (it completes a multipart
+    upload with no part, which S3 rejects as MalformedXML)."""
     if not path:
         raise UsageError(f"{flag} is required")
+    from apache_beam.io.filesystems import FileSystems
+
     try:
         directory = path if path.endswith("/") else FileSystems.split(path)[0]
         probe = FileSystems.join(directory, f".beam-tarimg-probe-{uuid.uuid4().hex}") if directory else (
             f".beam-tarimg-probe-{uuid.uuid4().hex}"
         )
         with FileSystems.create(probe) as f:
-            f.write(b"")
+            f.write(b"beam-tarimg write probe\n")
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem: permissions, a file where a directory should be, no such bucket
         raise UsageError(f"{flag} {path!r} is not writable: {type(e).__name__}: {e}") from None

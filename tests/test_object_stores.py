@@ -1,0 +1,198 @@
+"""Jobs reading and writing s3:// and gs://, against servers a user could run: moto's S3 server and the
+GCS emulator (``gcp-storage-emulator``), both started here on 127.0.0.1 (free ports, bounded waits, stopped
+at the end). Each job runs as ``python -m pipelines.tar_to_parquet`` and must write the rows a local run
+writes, with the failures file only when something was lost (Beam's S3 filesystem cannot write an empty
+object), and refuse or --overwrite an existing prefix in the bucket as it does locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image, write_tar
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 300
+BUCKET = "beam-tarimg-test"
+CORRUPT = b"\xff\xd8\xff\xe0" + b"this is not the rest of a JPEG" * 4
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two good tars of 6 images with sidecars, and a third with one good and one corrupt JPEG."""
+    root = tmp_path_factory.mktemp("shards")
+    make_sample_dataset(str(root), num_tars=2, images_per_tar=6, seed=1, size=(48, 32))
+    rng = np.random.default_rng(3)
+    write_tar(str(root / "00002.tar"), [
+        ("good.jpg", encode_jpeg(photo_like_image(rng, 40, 30))),
+        ("broken.jpg", CORRUPT),
+    ])
+    return root
+
+
+def _job(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tar_to_parquet", "--include_metadata", "--quiet",
+                           "--preview_rows", "0", "--runner", "FnApiRunner", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, **(env or {})})
+    return proc
+
+
+def _digest(value):
+    """A row value with its bytes (pixels, encoded images, also inside structs) replaced by their sha256."""
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, dict):
+        return {k: _digest(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_digest(v) for v in value]
+    return value
+
+
+def _rows(parquet_files) -> dict:
+    """image_id -> every column of its row (bytes as digests), over Parquet files given as bytes."""
+    rows = {}
+    for data in parquet_files:
+        for row in pq.read_table(io.BytesIO(data)).to_pylist():
+            assert row["image_id"] not in rows
+            rows[row["image_id"]] = _digest(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def local_rows(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    proc = _job("--input", str(shards), "--output", str(out / "images"))
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p for p in out.iterdir() if p.name.endswith(".parquet"))
+    return _rows([p.read_bytes() for p in files])
+
+
+# --- S3: moto's server -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        _wait_for_port(port)
+        import boto3
+
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        flags = ["--s3_endpoint_url", endpoint, "--s3_access_key_id", "testing",
+                 "--s3_secret_access_key", "testing", "--s3_region_name", "us-east-1"]
+        yield client, flags
+    finally:
+        server.stop()
+
+
+def _s3_keys(client, prefix):
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", []))
+
+
+def test_s3__input_output_and_failures_match_a_local_run_and_no_empty_object_is_written(shards, local_rows, s3):
+    client, flags = s3
+    for tar in sorted(os.listdir(shards)):
+        client.upload_file(str(shards / tar), BUCKET, f"in/{tar}")
+    out = f"s3://{BUCKET}/out"
+
+    # Nothing lost: no failures object (an empty one is what S3 rejects from Beam's uploader).
+    clean = _job("--input", f"s3://{BUCKET}/in/0000[01].tar", "--output", f"{out}/images",
+                 "--failures", f"{out}/failures.jsonl", *flags)
+    assert clean.returncode == 0, clean.stderr
+    assert "images written   12" in clean.stdout and "none written" in clean.stdout
+    first_keys = _s3_keys(client, "out/")
+    assert first_keys and all(k.startswith("out/images-") and k.endswith(".parquet") for k in first_keys)
+
+    # Into the same prefix: refused, then --overwrite replaces the earlier run.
+    refused = _job("--input", f"s3://{BUCKET}/in/", "--output", f"{out}/images", *flags)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr, refused.stderr
+    full = _job("--input", f"s3://{BUCKET}/in/", "--output", f"{out}/images",
+                "--failures", f"{out}/failures.jsonl", "--overwrite", *flags)
+    assert full.returncode == 0, full.stderr
+    keys = _s3_keys(client, "out/")
+    shard_keys = [k for k in keys if k.endswith(".parquet")]
+    assert set(keys) == {*shard_keys, "out/failures.jsonl"} and not any("beam-temp" in k for k in keys)
+    rows = _rows([client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in shard_keys])
+    assert rows == local_rows and len(rows) == 13
+    failures = client.get_object(Bucket=BUCKET, Key="out/failures.jsonl")["Body"].read().decode().splitlines()
+    assert [json.loads(line)["tar"] for line in failures] == [f"s3://{BUCKET}/in/00002.tar"]
+
+
+# --- GCS: the emulator -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    from gcp_storage_emulator.server import create_server
+
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    try:
+        _wait_for_port(port)
+        host = f"http://127.0.0.1:{port}"
+        os.environ["STORAGE_EMULATOR_HOST"] = host  # for this process's client only
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="test", credentials=AnonymousCredentials())
+        yield client.bucket(BUCKET), {"STORAGE_EMULATOR_HOST": host}
+    finally:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        server.stop()
+
+
+def test_gcs__input_output_and_failures_match_a_local_run(shards, local_rows, gcs):
+    bucket, env = gcs
+    for tar in sorted(os.listdir(shards)):
+        bucket.blob(f"in/{tar}").upload_from_filename(str(shards / tar))
+    out = f"gs://{BUCKET}/out"
+    proc = _job("--input", f"gs://{BUCKET}/in/*.tar", "--output", f"{out}/images",
+                "--failures", f"{out}/failures.jsonl", env=env)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(b.name for b in bucket.list_blobs(prefix="out/"))
+    shard_names = [n for n in names if n.endswith(".parquet")]
+    assert set(names) == {*shard_names, "out/failures.jsonl"}, names
+    rows = _rows([bucket.blob(n).download_as_bytes() for n in shard_names])
+    assert rows == local_rows and len(rows) == 13
+    failures = bucket.blob("out/failures.jsonl").download_as_bytes().decode().splitlines()
+    assert [json.loads(line)["tar"] for line in failures] == [f"gs://{BUCKET}/in/00002.tar"]
+
+    again = _job("--input", f"gs://{BUCKET}/in/*.tar", "--output", f"{out}/images", env=env)
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
