@@ -317,11 +317,12 @@ class _CountingReader:
 class _Sample:
     """The adjacent members sharing one key: its JPEGs and, when asked, its sidecars."""
 
-    __slots__ = ("key", "images", "metadata", "failures", "sidecars")
+    __slots__ = ("key", "images", "nbytes", "metadata", "failures", "sidecars")
 
     def __init__(self, key: str):
         self.key = key
         self.images: List[Tuple[str, bytes]] = []
+        self.nbytes = 0  # of the images
         self.metadata: Dict[str, Any] = {}
         self.failures: List[Tuple[str, str]] = []
         self.sidecars = 0
@@ -446,11 +447,10 @@ def read_tar(
         return ImageFailure(tar_path, None, FailureStage.READ, f"tar is cut off or corrupt {where}: {error}")
 
     def describe(e: BaseException, tf) -> str:
-        if isinstance(e, _DataEnded) and last_seen is not None:
+        if _data_ran_out(e, last_seen, tf):
             end = tf.fileobj.tell()
-            if last_seen.offset_data + last_seen.size > end:
-                return (f"member {escape_member_name(last_seen.name)!r} claims {last_seen.size} bytes from byte "
-                        f"{last_seen.offset_data}, past the end of the data at byte {end}")
+            return (f"member {escape_member_name(last_seen.name)!r} claims {last_seen.size} bytes from byte "
+                    f"{last_seen.offset_data}, past the end of the data at byte {end}")
         if isinstance(e, (_BadHeader, _DataEnded)):
             return str(e)
         return f"{type(e).__name__}: {e}"
@@ -475,6 +475,13 @@ def read_tar(
                 if pending is not None:
                     yield from flush_sample(pending)
                     pending = None
+                # The member not read (a link, over max_member_bytes) keeps its own failure unless its own
+                # data is what ran past the end (then the tar's one read failure names it instead).
+                if unread is not None and not _data_ran_out(e, last_seen, tf):
+                    count(unread[1], 1)
+                    images_seen += 1
+                    yield unread[0]
+                unread = None
                 yield cut_failure(describe(e, tf))
                 break
             if unread is not None:
@@ -501,10 +508,15 @@ def read_tar(
                 else:
                     count("members_skipped", 1)
                 continue
-            if include_metadata and (pending is None or pending.key != key):
+            if include_metadata and (pending is None or pending.key != key or len(pending.images) >= batch_size
+                                     or pending.nbytes >= max_batch_bytes):
+                # A new key; or many JPEGs under one key (a hostile tar), handed on in batches so that memory
+                # stays bounded, each keeping the sidecars met so far.
+                carried = pending.metadata if pending is not None and pending.key == key else {}
                 if pending is not None:
                     yield from flush_sample(pending)
                 pending = _Sample(key)
+                pending.metadata = dict(carried)
             if is_image:
                 jpegs_read.add(posixpath.normpath(name))
             if info.size > max_member_bytes:
@@ -528,6 +540,7 @@ def read_tar(
             if is_image:
                 if include_metadata:
                     pending.images.append((name, data))
+                    pending.nbytes += len(data)
                 else:
                     sample = _Sample(key)
                     sample.images.append((name, data))
@@ -554,6 +567,12 @@ def read_tar(
         yield EncodedBatch(tar_path, batch)
     if images_seen == 0 and not cut:
         count("tars_without_images", 1)
+
+
+def _data_ran_out(e: BaseException, member: Optional[tarfile.TarInfo], tf) -> bool:
+    """Whether reading stopped because ``member``'s own data runs past the end of the stream."""
+    return (isinstance(e, _DataEnded) and member is not None
+            and member.offset_data + member.size > tf.fileobj.tell())
 
 
 def _trailing_data(stream) -> Optional[str]:

@@ -673,3 +673,36 @@ def test_read_tar__a_batch_ends_early_at_max_batch_bytes_of_encoded_bytes(tmp_pa
     assert [m.member for b in batches for m in b.images] == [name for name, _ in jpegs]
     assert all(b.nbytes <= 3 * size + max(len(d) for _, d in jpegs) for b in batches)
     assert len(batches) >= 3
+
+
+def test_read_tar__a_link_keeps_its_failure_when_the_next_header_ends_the_tar(tmp_path):
+    from conftest import link_member
+
+    path = write_tar(tmp_path / "t.tar", [("a.jpg", make_jpeg(1)), link_member("b.jpg", "a.jpg"),
+                                          link_member("c.jpg", "a.jpg", symbolic=False)])
+    raw = open(path, "rb").read().rstrip(b"\0")
+    raw += b"\0" * (-len(raw) % 512)
+    # Then a PAX header claiming 2 MiB, over MAX_HEADER_BYTES: the tar ends there with one read failure.
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 2 << 20
+    raw += pax.tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024
+    events = list(read_tar(io.BytesIO(raw), path, batch_size=4))
+    failures = [e for e in events if isinstance(e, ImageFailure)]
+    assert sorted((f.member, f.stage) for f in failures if f.member) == [("b.jpg", "read"), ("c.jpg", "read")]
+    assert len([f for f in failures if f.member is None]) == 1
+    assert [m.member for e in events if isinstance(e, EncodedBatch) for m in e.images] == ["a.jpg"]
+
+
+def test_read_tar__many_jpegs_under_one_key_are_handed_on_in_batches_with_metadata(tmp_path):
+    # A hostile tar repeating one key must not be held whole before anything comes out.
+    members = [("x.json", b'{"k": 1}')] + [("x.jpg", make_jpeg(i, 16, 16)) for i in range(60)]
+    raw = open(write_tar(tmp_path / "t.tar", members), "rb").read()
+    stream = io.BytesIO(raw)
+    batches, read_at_first = [], None
+    for event in read_tar(stream, "t.tar", batch_size=10, include_metadata=True):
+        if isinstance(event, EncodedBatch):
+            batches.append(event)
+            read_at_first = stream.tell() if read_at_first is None else read_at_first
+    assert [len(b) for b in batches] == [10] * 6
+    assert read_at_first < len(raw) // 2
+    assert all(img.metadata == {"k": 1} for b in batches for img in b.images)
