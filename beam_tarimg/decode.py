@@ -207,7 +207,8 @@ class ImageDecoder:
         if isolation == "process":
             from beam_tarimg.decoder_process import DecoderProcess
 
-            self._process = DecoderProcess(config, run_timeout_s=run_timeout_s)
+            # Free shared-memory slots are kept for reuse up to a run's planned bytes, not beyond.
+            self._process = DecoderProcess(config, run_timeout_s=run_timeout_s, max_free_bytes=self._plan_bytes)
             self._local = None
         else:
             self._process = None
@@ -218,7 +219,8 @@ class ImageDecoder:
         return self._process.builds if self._process is not None else self._local.builds
 
     def decode(self, encoded: Sequence[bytes]) -> List[DecodeOutcome]:
-        """One outcome per input, in input order. Never raises for bad image bytes."""
+        """One outcome per input, in input order. Never raises for bad image bytes; raises RuntimeError if,
+        after a crash, no new decoder process can be started (twice in a row): an infrastructure failure."""
         outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
         for run, run_outcomes in self.decode_runs(encoded):
             for i, outcome in zip(run, run_outcomes):

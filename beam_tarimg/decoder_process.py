@@ -47,6 +47,7 @@ _LOG = logging.getLogger(__name__)
 _HEADER = struct.Struct("!Q")
 _MAX_MESSAGE = 1 << 34  # a sanity bound on one message (16 GiB): anything larger is a broken stream
 START_TIMEOUT_S = 300.0  # importing DALI and building a pipeline (a GPU context included) on a busy machine
+_MAX_REPLY = 1 << 24  # the child's replies are shapes and error texts: a larger length means a broken stream
 _MIN_SLOT = 16 << 20
 
 
@@ -82,9 +83,9 @@ def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytea
     return buf
 
 
-def _recv(sock: socket.socket, deadline: Optional[float] = None):
+def _recv(sock: socket.socket, deadline: Optional[float] = None, limit: int = _MAX_MESSAGE):
     (n,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline))
-    if n > _MAX_MESSAGE:
+    if n > limit:
         raise EOFError(f"message of {n} bytes: the stream is broken")
     return pickle.loads(_recv_exact(sock, n, deadline))
 
@@ -222,7 +223,11 @@ class DecoderProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             killed = True
-            returncode = proc.wait()
+            try:
+                returncode = proc.wait(timeout=30.0)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver call): leave it to init
+                _LOG.warning("beam_tarimg: decoder process %d did not die within 30 s of SIGKILL", proc.pid)
+                return why
         if killed:
             return why
         return f"{_signal_name(returncode)}" if returncode < 0 else f"{why}, {_signal_name(returncode)}"
@@ -230,9 +235,17 @@ class DecoderProcess:
     # -- runs ---------------------------------------------------------------------------------------------------
 
     def decode(self, encoded: Sequence[bytes], rejects: Sequence[Optional[str]]) -> List[DecodeOutcome]:
-        """Decodes one run (``rejects``: ``DaliDecoder.decode``'s) in the decoder process."""
+        """Decodes one run (``rejects``: ``DaliDecoder.decode``'s) in the decoder process.
+
+        Raises ``DecoderCrashed`` when the process dies, times out or breaks the protocol during the run, and
+        RuntimeError when no new decoder process can be started (twice in a row) after a crash."""
         if self._proc is None:
-            self._start()
+            try:
+                self._start()
+            except RuntimeError as first:
+                _LOG.warning("beam_tarimg: %s; trying once more", first)
+                time.sleep(1.0)
+                self._start()
         sock = self._sock
         deadline = time.monotonic() + self._run_timeout_s
         slot = None
@@ -240,7 +253,7 @@ class DecoderProcess:
             unmap, self._unmap = self._unmap, []
             _send(sock, ("decode", [bytes(b) for b in encoded], list(rejects), unmap), deadline)
             self._mapped.difference_update(unmap)
-            reply = _recv(sock, deadline)
+            reply = _recv(sock, deadline, _MAX_REPLY)
             if reply[0] != "decoded":
                 raise EOFError(f"unexpected reply {reply[0]!r}: {reply[1] if len(reply) > 1 else ''}")
             meta, self._builds_now = reply[1], reply[2]
@@ -255,7 +268,7 @@ class DecoderProcess:
             if new:
                 socket.send_fds(sock, [b"F"], [slot.fd])
                 self._mapped.add(slot.id)
-            reply = _recv(sock, deadline)
+            reply = _recv(sock, deadline, _MAX_REPLY)
             if reply[0] != "written":
                 raise EOFError(f"unexpected reply {reply[0]!r}")
         except socket.timeout:
@@ -267,6 +280,13 @@ class DecoderProcess:
         except (OSError, EOFError, pickle.UnpicklingError, ValueError, IndexError, TypeError) as e:
             reason = self._reap(f"{type(e).__name__}: {e}")
             raise DecoderCrashed(f"decoder process crashed ({reason})") from None
+        except BaseException:
+            # Interrupted mid-protocol (KeyboardInterrupt, MemoryError, ...): a reply may still be on its way,
+            # and the next run would read it as its own. This child is never used again.
+            if self._proc is not None:
+                self._proc.kill()
+            self._reap("interrupted")
+            raise
         base = np.frombuffer(slot.mm, dtype=np.uint8, count=total)
         slot.run = weakref.ref(base)
         outcomes = []
@@ -378,6 +398,13 @@ def _child_main(fd: int) -> None:
         _send(sock, ("error", f"{type(e).__name__}: {e}"))
         return
     _send(sock, ("ready", decoder.builds))
+    try:
+        _serve(sock, decoder, crash_request)
+    except (BrokenPipeError, ConnectionResetError):  # the parent went away mid-run: nothing to report to
+        return
+
+
+def _serve(sock: socket.socket, decoder, crash_request) -> None:
     maps: Dict[int, mmap.mmap] = {}
     while True:
         try:

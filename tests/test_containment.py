@@ -282,3 +282,29 @@ def test_decoder__works_after_a_process_wide_default_socket_timeout():
         assert decoder.crashes == 0
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def test_decoder__a_run_interrupted_in_this_process_leaves_no_stale_reply_for_the_next():
+    # Ctrl-C (here: a timer raising KeyboardInterrupt) while the parent waits for a run: the decoder process
+    # may still answer that run later; the next run must get its own outcomes, not those.
+    from beam_tarimg.sample import encode_jpeg, photo_like_image
+
+    rng = np.random.default_rng(1)
+    slow = [encode_jpeg(photo_like_image(rng, 2000, 1500)) for _ in range(2)] * 12  # ~1 s to decode
+    decoder = ImageDecoder(max_batch_size=24, num_threads=1, device="cpu", max_run_bytes=1 << 30)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            decoder.decode(slow)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    small = [make_jpeg(i, 30 + i, 20) for i in range(6)]
+    outcomes = decoder.decode(small)
+    assert all(np.array_equal(o.pixels, pillow_rgb(b)) for o, b in zip(outcomes, small))
+    assert decoder.crashes == 0
