@@ -227,13 +227,17 @@ class ImageDecoder:
                 outcomes[i] = outcome
         return outcomes  # type: ignore[return-value]
 
-    def decode_runs(self, encoded: Sequence[bytes]) -> Iterator[Tuple[List[int], List[DecodeOutcome]]]:
+    def decode_runs(
+        self, encoded: Sequence[bytes], headers: Optional[Sequence[Optional[JpegHeader]]] = None
+    ) -> Iterator[Tuple[List[int], List[DecodeOutcome]]]:
         """Decodes run by run, yielding ``(indices, outcomes)`` for each run as it is done, so that a caller
         can hand each run's images on before the next run is decoded (what bounds memory: see
-        ``max_run_bytes``)."""
+        ``max_run_bytes``). ``headers``: ``jpeg.parse_jpeg(blob, max_scans)`` of each input, when the caller
+        has them already (the transforms' read stage does)."""
         # One walk over each image's markers gives its size (for the plan), what DALI must not see, and what
         # is refused without decoding (the read stage of the transforms has refused those already).
-        headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
+        if headers is None:
+            headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
         sizes = [claimed_bytes(blob, header) for blob, header in zip(encoded, headers)]
         rejects = [dali_rejects(header) if self._check_before_dali else None for header in headers]
         refused = {}

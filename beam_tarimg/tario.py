@@ -406,6 +406,7 @@ def read_tar(
     reader = _CountingReader(fileobj)
     batch: List[EncodedImage] = []
     batch_bytes = 0
+    headers: list = []  # parse_jpeg of each image of the batch, handed on with it
     images_seen = 0
     pending: Optional[_Sample] = None
     last_seen: Optional[tarfile.TarInfo] = None  # the last member tarfile gave, read or not
@@ -415,24 +416,25 @@ def read_tar(
     unread: Optional[Tuple[ImageFailure, str]] = None  # the failure, its counter
 
     def flush_sample(sample: _Sample) -> Iterator[Union[EncodedBatch, ImageFailure]]:
-        nonlocal batch, batch_bytes, images_seen
+        nonlocal batch, batch_bytes, headers, images_seen
         if not sample.images:
             count("members_skipped", sample.sidecars)  # sidecars of no image: read, then dropped
         for member, error in sample.failures:
             yield ImageFailure(tar_path, member, FailureStage.METADATA, error)
         for member, data in sample.images:
             images_seen += 1
-            failure = _check_limits(tar_path, member, data, max_pixels, max_scans)
+            failure, header = _check_limits(tar_path, member, data, max_pixels, max_scans)
             if failure is not None:
                 if failure.stage == FailureStage.LIMIT:
                     count("images_over_limit", 1)
                 yield failure
                 continue
             batch.append(EncodedImage(member, sample.key, data, dict(sample.metadata)))
+            headers.append(header)
             batch_bytes += len(data)
             if len(batch) >= batch_size or batch_bytes >= max_batch_bytes:
-                yield EncodedBatch(tar_path, batch)
-                batch, batch_bytes = [], 0
+                yield EncodedBatch(tar_path, batch, headers)
+                batch, batch_bytes, headers = [], 0, []
 
     cut = False
 
@@ -564,7 +566,7 @@ def read_tar(
     finally:
         count("bytes_read", reader.bytes_read)
     if batch:
-        yield EncodedBatch(tar_path, batch)
+        yield EncodedBatch(tar_path, batch, headers)
     if images_seen == 0 and not cut:
         count("tars_without_images", 1)
 
@@ -596,25 +598,26 @@ def _trailing_data(stream) -> Optional[str]:
         return f"after the end-of-archive blocks: {type(e).__name__}: {e}"
 
 
-def _check_limits(tar_path, member, data, max_pixels, max_scans) -> Optional[ImageFailure]:
+def _check_limits(tar_path, member, data, max_pixels, max_scans) -> Tuple[Optional[ImageFailure], Any]:
     """The limits checked before decoding, from one walk over the JPEG's markers: pixels claimed, more than
-    ``max_scans`` scans, more pixels claimed than the bytes can code (``jpeg.implausible``)."""
+    ``max_scans`` scans, more pixels claimed than the bytes can code (``jpeg.implausible``). Returns the
+    failure (or None) and that walk's ``JpegHeader`` (None for bytes that are no JPEG)."""
     if not data:
-        return ImageFailure(tar_path, member, FailureStage.DECODE, "empty member (0 bytes)")
+        return ImageFailure(tar_path, member, FailureStage.DECODE, "empty member (0 bytes)"), None
     header = parse_jpeg(data, max_scans)
     try:
         dims = image_dimensions(data, header)
     except OverLimitError as e:
-        return ImageFailure(tar_path, member, FailureStage.LIMIT, str(e))
+        return ImageFailure(tar_path, member, FailureStage.LIMIT, str(e)), header
     if dims is not None and dims[0] * dims[1] > max_pixels:
         return ImageFailure(
             tar_path, member, FailureStage.LIMIT,
             f"header claims {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels, over max_pixels={max_pixels}",
-        )
+        ), header
     reason = header.implausible() if header is not None else None
     if reason is not None:
-        return ImageFailure(tar_path, member, FailureStage.LIMIT, reason)
-    return None
+        return ImageFailure(tar_path, member, FailureStage.LIMIT, reason), header
+    return None, header
 
 
 def _parse_sidecar(sample: _Sample, name: str, ext: str, data: bytes) -> None:

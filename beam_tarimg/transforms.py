@@ -213,7 +213,10 @@ class _DecodeBatchesFn(_SetupStateFn):
         # One ImageBatch per DALI run, handed on before the next run: a batch cut short by max_run_bytes is
         # emitted as it is, so that no more than one run's pixels are held here at a time.
         start = time.perf_counter()
-        for run, outcomes in self._shared.decoder.decode_runs([image.data for image in batch.images]):
+        # In the fused read-and-decode step the read stage's marker walks come along (batch.headers); after a
+        # shuffle they are None and the decoder walks the markers itself.
+        images_data = [image.data for image in batch.images]
+        for run, outcomes in self._shared.decoder.decode_runs(images_data, batch.headers):
             self._decode_ms.update(int((time.perf_counter() - start) * 1000))
             self._report_builds()
             images = []

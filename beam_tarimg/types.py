@@ -99,10 +99,14 @@ class EncodedImage(NamedTuple):
 
 @dataclasses.dataclass(eq=False)
 class EncodedBatch:
-    """Up to ``batch_size`` encoded JPEGs of one tar, in tar order: what crosses the shuffle."""
+    """Up to ``batch_size`` encoded JPEGs of one tar, in tar order: what crosses the shuffle.
+
+    ``headers``: the read stage's ``jpeg.parse_jpeg`` of each image, so that a decode in the same process
+    need not walk the markers again; not encoded by the coder (None after a shuffle) nor compared."""
 
     tar_path: str
     images: List[EncodedImage]
+    headers: Optional[List[Any]] = None
 
     def __len__(self) -> int:
         return len(self.images)
