@@ -29,7 +29,14 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS, JpegHeader, image_dimensions, parse_jpeg
+from beam_tarimg.jpeg import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SCANS,
+    NOT_A_JPEG,
+    JpegHeader,
+    image_dimensions,
+    parse_jpeg,
+)
 
 _LOG = logging.getLogger(__name__)
 
@@ -104,7 +111,7 @@ def _refusal(header: Optional[JpegHeader], size: int, max_pixels: int) -> Option
 
 def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
     """``jpeg.dali_rejects`` from a parsed header (None: the bytes are no JPEG)."""
-    return "not a JPEG (no start-of-image marker)" if header is None else header.dali_rejects()
+    return NOT_A_JPEG if header is None else header.dali_rejects()
 
 
 def plan_runs(sizes: Sequence[int], max_images: int, max_bytes: int) -> List[List[int]]:

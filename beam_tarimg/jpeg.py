@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Pillow then decodes them). Each scan is a pass over the whole image: a file of 8000x8000 with 20,000 scans
 # took 167 s in Pillow (~8 ms per scan), so 256 scans of an image at max_pixels cost about 3 s.
 DEFAULT_MAX_SCANS = 256
+NOT_A_JPEG = "not a JPEG (no start-of-image marker)"  # dali_rejects of bytes with no JPEG header at all
 _DALI_MAX_SCANS = 256
 
 # Start-of-frame markers carry the frame size. 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range.
@@ -514,9 +515,7 @@ def dali_rejects(data: bytes) -> Optional[str]:
     mutants that pass this check crashed. Anything refused here goes to Pillow, so strictness costs only speed.
     """
     header = parse_jpeg(data)
-    if header is None:
-        return "not a JPEG (no start-of-image marker)"
-    return header.dali_rejects()
+    return NOT_A_JPEG if header is None else header.dali_rejects()
 
 
 def implausible(data: bytes, max_scans: int = DEFAULT_MAX_SCANS) -> Optional[str]:
