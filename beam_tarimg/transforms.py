@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io import fileio

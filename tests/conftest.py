@@ -152,3 +152,19 @@ def read_tars(tmp_path):
         return run_pipeline(build, tmp_path, runner=runner, options=options)
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two good tars of 6 small images with sidecars, and a third with one good and one corrupt JPEG (the jobs'
+    tests: 13 images written, 1 failure)."""
+    from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image
+
+    root = tmp_path_factory.mktemp("shards")
+    make_sample_dataset(str(root), num_tars=2, images_per_tar=6, seed=1, size=(48, 32))
+    corrupt = b"\xff\xd8\xff\xe0" + b"this is not the rest of a JPEG" * 4
+    write_tar(str(root / "00002.tar"), [
+        ("good.jpg", encode_jpeg(photo_like_image(np.random.default_rng(3), 40, 30))),
+        ("broken.jpg", corrupt),
+    ])
+    return root

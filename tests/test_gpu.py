@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from typing import Dict, List, Optional, Tuple

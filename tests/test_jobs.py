@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import uuid
@@ -22,25 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image, write_tar
+from beam_tarimg.sample import encode_jpeg, photo_like_image, write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 PROGRESS_LINE = re.compile(r"^tar_to_parquet: (\d+)/(\d+) tars, (\d+) images, (\d+) failures, [\d.]+ images/s, \d+ s$")
-CORRUPT = b"\xff\xd8\xff\xe0" + b"this is not the rest of a JPEG" * 4
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Two good tars of 6 small images, and a third with one good and one corrupt JPEG."""
-    root = tmp_path_factory.mktemp("shards")
-    make_sample_dataset(str(root), num_tars=2, images_per_tar=6, seed=1, size=(48, 32))
-    rng = np.random.default_rng(3)
-    write_tar(str(root / "00002.tar"), [
-        ("good.jpg", encode_jpeg(photo_like_image(rng, 40, 30))),
-        ("broken.jpg", CORRUPT),
-    ])
-    return root
 
 
 def _cli(module, *args, env=None, timeout=TIMEOUT_S):

@@ -16,16 +16,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from beam_tarimg.sample import encode_jpeg, make_sample_dataset, photo_like_image, write_tar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 BUCKET = "beam-tarimg-test"
-CORRUPT = b"\xff\xd8\xff\xe0" + b"this is not the rest of a JPEG" * 4
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +41,6 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Two good tars of 6 images with sidecars, and a third with one good and one corrupt JPEG."""
-    root = tmp_path_factory.mktemp("shards")
-    make_sample_dataset(str(root), num_tars=2, images_per_tar=6, seed=1, size=(48, 32))
-    rng = np.random.default_rng(3)
-    write_tar(str(root / "00002.tar"), [
-        ("good.jpg", encode_jpeg(photo_like_image(rng, 40, 30))),
-        ("broken.jpg", CORRUPT),
-    ])
-    return root
 
 
 def _job(*args, env=None):
