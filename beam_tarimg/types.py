@@ -20,9 +20,10 @@ class ImageObject:
       image_id: the member path without its extension (the webdataset key), e.g. ``"000000031"``.
       image_data: ``numpy.uint8`` array of shape (H, W, 3), RGB, original size, EXIF orientation applied.
         Arrays that crossed a Beam coder are read-only views of the encoded bytes: copy before editing
-        in place. Arrays fresh from the decoder are views of their batch's DALI output buffer: an image
-        kept after its batch is gone keeps the whole batch's pixels in memory (about 0.5 MB x batch size
-        for ImageNet-sized images); ``.copy()`` the images you keep.
+        in place. Arrays fresh from the decoder are views of their decode run's buffer (the decoder
+        process's shared-memory slot; with ``isolation="none"``, DALI's output buffer): an image kept after
+        its batch is gone keeps the whole run's pixels in memory (about 0.5 MB x batch size for
+        ImageNet-sized images) and that slot out of reuse; ``.copy()`` the images you keep.
       metadata: a dict; empty unless sidecars were asked for (see ``ReadImagesFromTars``).
       encoded: the encoded image whose decode gave ``image_data``, unchanged: the tar member's own bytes
         (as ``ReadImagesFromTars`` read them; they still carry any EXIF orientation tag), or the stored
