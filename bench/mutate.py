@@ -115,6 +115,11 @@ def _bad_length(rng: random.Random, seg: bytes) -> int:
     return rng.choice([0, 1, 2, 3, real - 1, real + 1, real - rng.randint(2, 8), real + rng.randint(2, 300), 0xFFFF])
 
 
+def _bad_length_at(rng: random.Random, parts, i: int) -> bytes:
+    """The JPEG with segment ``i`` given a wrong length field (the *_length mutators)."""
+    return _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+
+
 def _sof(parts: Sequence[Part]) -> int:
     found = _indices(parts, SOF_MARKERS)
     if not found:
@@ -141,7 +146,7 @@ def _scans(parts: Sequence[Part]) -> List[int]:
 def app_length(rng, data):
     parts = split_jpeg(data)
     i = _pick(rng, parts, APP_MARKERS + (COM,))
-    return "app_length", _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+    return "app_length", _bad_length_at(rng, parts, i)
 
 
 def app_contents(rng, data):
@@ -165,7 +170,7 @@ def app_contents(rng, data):
 def dqt_length(rng, data):
     parts = split_jpeg(data)
     i = _pick(rng, parts, [DQT])
-    return "dqt_length", _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+    return "dqt_length", _bad_length_at(rng, parts, i)
 
 
 def dqt_contents(rng, data):
@@ -185,7 +190,7 @@ def dqt_contents(rng, data):
 def dht_length(rng, data):
     parts = split_jpeg(data)
     i = _pick(rng, parts, [DHT])
-    return "dht_length", _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+    return "dht_length", _bad_length_at(rng, parts, i)
 
 
 def dht_contents(rng, data):
@@ -321,7 +326,7 @@ def sof_huge_claim(rng, data):
 def sof_length(rng, data):
     parts = split_jpeg(data)
     i = _sof(parts)
-    return "sof_length", _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+    return "sof_length", _bad_length_at(rng, parts, i)
 
 
 def sof_type(rng, data):
@@ -386,7 +391,7 @@ def sos_spectral(rng, data):
 def sos_length(rng, data):
     parts = split_jpeg(data)
     i = _sos_pick(rng, parts)
-    return "sos_length", _replace(parts, i, _with_length(parts[i][1], _bad_length(rng, parts[i][1])))
+    return "sos_length", _bad_length_at(rng, parts, i)
 
 
 # Markers
