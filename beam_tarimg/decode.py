@@ -35,6 +35,7 @@ from beam_tarimg.jpeg import (
     NOT_A_JPEG,
     JpegHeader,
     image_dimensions,
+    over_limits,
     parse_jpeg,
 )
 
@@ -91,22 +92,18 @@ class DecodeOutcome(NamedTuple):
     error: Optional[str]
 
 
+def _claimed_dimensions(data: bytes, header: Optional[JpegHeader]) -> Optional[Tuple[int, int]]:
+    try:
+        return image_dimensions(data, header)
+    except ValueError:  # over Pillow's own bomb limit: the decoders refuse it without decoding
+        return None
+
+
 def claimed_bytes(data: bytes, header: Optional[JpegHeader] = None) -> int:
     """The bytes of RGB pixels the image's header claims (0 when no header says): what a decode will hold.
     ``header``: ``parse_jpeg(data)``, when the caller has it."""
-    try:
-        dims = image_dimensions(data, header)
-    except ValueError:  # over Pillow's own bomb limit: the decoders refuse it without decoding
-        return 0
+    dims = _claimed_dimensions(data, header)
     return 0 if dims is None else dims[0] * dims[1] * 3
-
-
-def _refusal(header: Optional[JpegHeader], size: int, max_pixels: int) -> Optional[str]:
-    """Why an image is not decoded at all (over ``max_pixels``, or ``JpegHeader.implausible``), or None."""
-    if size > max_pixels * 3:
-        return f"not decoded: the header claims {size // 3} pixels, over max_pixels={max_pixels}"
-    reason = header.implausible() if header is not None else None
-    return None if reason is None else f"not decoded: {reason}"
 
 
 def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
@@ -245,13 +242,14 @@ class ImageDecoder:
         # is refused without decoding (the read stage of the transforms has refused those already).
         if headers is None:
             headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
-        sizes = [claimed_bytes(blob, header) for blob, header in zip(encoded, headers)]
+        dims = [_claimed_dimensions(blob, header) for blob, header in zip(encoded, headers)]
+        sizes = [0 if d is None else d[0] * d[1] * 3 for d in dims]
         rejects = [dali_rejects(header) if self._check_before_dali else None for header in headers]
         refused = {}
-        for i, (header, size) in enumerate(zip(headers, sizes)):
-            reason = _refusal(header, size, self.max_pixels)
+        for i, (header, d) in enumerate(zip(headers, dims)):
+            reason = over_limits(header, d, self.max_pixels)  # the read stage's limits (jpeg.over_limits)
             if reason is not None:
-                refused[i] = DecodeOutcome(None, None, reason)
+                refused[i] = DecodeOutcome(None, None, f"not decoded: {reason}")
         del headers
         if refused:
             yield list(refused), list(refused.values())

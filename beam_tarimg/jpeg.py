@@ -549,6 +549,14 @@ def has_complete_header(data: bytes) -> bool:
     return header is not None and header.complete
 
 
+def over_limits(header: Optional[JpegHeader], dims: Optional[Tuple[int, int]], max_pixels: int) -> Optional[str]:
+    """Why an image must not be decoded at all, or None: a frame of ``dims`` (width, height) over
+    ``max_pixels``, or ``header.implausible()`` (too many scans, more pixels than its bytes can code)."""
+    if dims is not None and dims[0] * dims[1] > max_pixels:
+        return f"header claims {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels, over max_pixels={max_pixels}"
+    return header.implausible() if header is not None else None
+
+
 class OverLimitError(ValueError):
     """Pillow refused to even open an image this large (its own decompression-bomb check)."""
 

@@ -24,7 +24,14 @@ import tarfile
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS, OverLimitError, image_dimensions, parse_jpeg
+from beam_tarimg.jpeg import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SCANS,
+    OverLimitError,
+    image_dimensions,
+    over_limits,
+    parse_jpeg,
+)
 from beam_tarimg.types import EncodedBatch, EncodedImage, FailureStage, ImageFailure
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg")
@@ -609,12 +616,7 @@ def _check_limits(tar_path, member, data, max_pixels, max_scans) -> Tuple[Option
         dims = image_dimensions(data, header)
     except OverLimitError as e:
         return ImageFailure(tar_path, member, FailureStage.LIMIT, str(e)), header
-    if dims is not None and dims[0] * dims[1] > max_pixels:
-        return ImageFailure(
-            tar_path, member, FailureStage.LIMIT,
-            f"header claims {dims[0]}x{dims[1]} = {dims[0] * dims[1]} pixels, over max_pixels={max_pixels}",
-        ), header
-    reason = header.implausible() if header is not None else None
+    reason = over_limits(header, dims, max_pixels)
     if reason is not None:
         return ImageFailure(tar_path, member, FailureStage.LIMIT, reason), header
     return None, header
