@@ -255,8 +255,9 @@ class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
 
 
 def is_local_runner(runner_name: str) -> bool:
-    """Whether a runner (by class name, any case) runs in this process tree and keeps shuffles in memory."""
-    return runner_name.lower() in _LOCAL_RUNNERS
+    """Whether a runner (by class name or fully qualified name, any case) runs in this process tree and keeps
+    shuffles in memory."""
+    return runner_name.rsplit(".", 1)[-1].lower() in _LOCAL_RUNNERS
 
 
 def _is_local_runner(pipeline: beam.Pipeline) -> bool:

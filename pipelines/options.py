@@ -27,6 +27,8 @@ from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, PARQUET_CODE
 from beam_tarimg.tario import DEFAULT_EXTENSIONS, normalize_extensions
 
 DEFAULT_RUNNER = "FnApiRunner"
+# Beam knows "FnApiRunner" as a short name only from 2.6x on; its full name works on every supported version.
+_FULL_RUNNER_NAMES = {"fnapirunner": "apache_beam.runners.portability.fn_api_runner.FnApiRunner"}
 
 _BEAM_FLAGS_EPILOG = (
     "Every other flag is a standard Beam pipeline option and is passed through to Beam, e.g. --runner "
@@ -175,8 +177,12 @@ def parse_args(argv: Optional[Sequence[str]], prog: str, description: str,
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     _check_beam_flags(beam_args)
-    if PipelineOptions(beam_args).view_as(StandardOptions).runner is None:
+    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    if runner is None:
         beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
+        runner = DEFAULT_RUNNER
+    if isinstance(runner, str) and runner.lower() in _FULL_RUNNER_NAMES:
+        beam_args = [*beam_args, f"--runner={_FULL_RUNNER_NAMES[runner.lower()]}"]  # the last --runner wins
     return args, beam_args
 
 
