@@ -5,7 +5,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SAMPLE := build/sample
 
-.PHONY: venv demo test bench fuzz clean
+.PHONY: venv engines demo test bench bench-engines fuzz clean
+
+# The engines (tests/test_engines.py): Flink and Spark job servers and Prism at one Beam version, with a venv whose
+# Python SDK is that same version (never pair an SDK with a job server of another version). 2.62.0 is the newest
+# Beam whose Flink and Spark runners Maven Central serves with all their dependencies (BENCHMARKS.md, Engines).
+BEAM_ENGINE_VERSION ?= 2.62.0
+ENGINES := build/engines
+EVENV := $(ENGINES)/venv-beam-$(BEAM_ENGINE_VERSION)
+EPY := $(EVENV)/bin/python
+ESTAMP := $(EVENV)/.installed-stamp
+FLINK_JAR := $(ENGINES)/flink/beam-runners-flink-1.19-job-server-$(BEAM_ENGINE_VERSION).jar
+SPARK_JAR := $(ENGINES)/spark/beam-runners-spark-3-job-server-$(BEAM_ENGINE_VERSION).jar
+PRISM := $(ENGINES)/prism-$(BEAM_ENGINE_VERSION)/prism
+# Java, Maven and Go build the engines; without them the engine tests skip and say why.
+HAVE_ENGINE_TOOLS := $(and $(shell command -v java),$(shell command -v mvn),$(shell command -v go))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +28,32 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+$(ESTAMP): pyproject.toml
+	test -x $(EPY) || $(PYTHON) -m venv $(EVENV)
+	$(EPY) -m pip install --quiet --upgrade pip
+	$(EPY) -m pip install --quiet -e '.[engines,bench]' 'apache-beam==$(BEAM_ENGINE_VERSION)'
+	touch $@
+
+# Beam's job-server jars, shaded from the runners' artifacts on Maven Central (engines/*.pom.xml).
+$(FLINK_JAR): engines/flink-job-server.pom.xml
+	mvn --batch-mode --quiet -f $< package -Dbeam.version=$(BEAM_ENGINE_VERSION)
+
+$(SPARK_JAR): engines/spark-job-server.pom.xml
+	mvn --batch-mode --quiet -f $< package -Dbeam.version=$(BEAM_ENGINE_VERSION)
+
+# Prism from the Go module proxy. The proxy serves the module but not the checksum database's entry for it:
+# GONOSUMDB skips that lookup for Beam alone (its dependencies are still checked against Beam's go.sum).
+$(PRISM):
+	GOBIN=$(abspath $(dir $@)) GONOSUMDB=github.com/apache/beam \
+		go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_ENGINE_VERSION)
+
+ifneq ($(HAVE_ENGINE_TOOLS),)
+engines: $(ESTAMP) $(FLINK_JAR) $(SPARK_JAR) $(PRISM)
+else
+engines: $(ESTAMP)
+	@echo "engines: java, mvn and go are needed to build the Flink/Spark job servers and Prism; the engine tests will skip"
+endif
 
 $(SAMPLE)/.done: $(STAMP)
 	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images-per-tar 64 --seed 0
@@ -26,11 +66,17 @@ demo: $(SAMPLE)/.done
 		--runner DirectRunner --direct_running_mode multi_processing --direct_num_workers 2 \
 		--default_sdk_harness_log_level WARNING
 
-test: $(STAMP)
+# The suite on the newest Beam, then the engine tests (real Flink, Spark, Prism) under the engines' Beam.
+test: $(STAMP) engines
 	$(PY) -m pytest
+	BEAM_TARIMG_ENGINES=$(ENGINES) $(EPY) -m pytest tests/test_engines.py
 
 bench: $(STAMP)
 	$(PY) -m bench --chart bench/chart.png
+
+# The reader on Flink, Spark and Prism against the FnApiRunner and the limit (BENCHMARKS.md, Engines).
+bench-engines: engines
+	BEAM_TARIMG_ENGINES=$(ENGINES) $(EPY) -m bench.engines
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz --seed 0 --json build/fuzz.json
