@@ -196,7 +196,8 @@ def test_a_run_that_writes_no_image_exits_3_and_says_why_by_stage_without_failur
     proc = _cli("tar_to_parquet", "--input", str(data), "--output", str(tmp_path / "out" / "images"),
                 "--quiet", "--runner", "FnApiRunner")
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    assert "images written   0" in proc.stdout
+    assert "images written   0" in proc.stdout and "done" not in proc.stdout and "first rows" not in proc.stdout
+    assert _left_in(tmp_path / "out") == []  # no shard without a row
     err = proc.stderr.splitlines()
     assert err[0].endswith("error: 2 tars matched but no image was written; 2 failures"), proc.stderr
     assert "failures by stage: read 2" in err[1]
@@ -205,6 +206,27 @@ def test_a_run_that_writes_no_image_exits_3_and_says_why_by_stage_without_failur
         os.path.basename(line.split()[1].rstrip(":")) for line in reasons}
     assert all(line.split()[0] == "read" and len(line.split(": ", 1)[1]) > 0 for line in reasons)
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("job,ext", [("tar_to_parquet", "parquet"), ("tar_to_tfrecord", "tfrecord")])
+def test_an_all_failed_run_leaves_only_its_failures_file_and_the_next_run_is_refused_only_for_that(
+        tmp_path, job, ext):
+    data, out = tmp_path / "in", tmp_path / "out"
+    data.mkdir()
+    write_tar(str(data / "bad.tar"), [("a.jpg", b"\xff\xd8 not a JPEG"), ("b.jpg", b"")])
+    args = ["--input", str(data), "--output", str(out / "images"), "--quiet", "--runner", "FnApiRunner"]
+    first = _cli(job, *args, "--failures", str(out / "failures.jsonl"))
+    assert first.returncode == 3, first.stderr
+    assert _left_in(out) == ["failures.jsonl"]  # no 0-row shard beside it
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 2
+    assert "done" not in first.stdout and "first rows" not in first.stdout
+    assert "none: no image to write" in first.stdout
+    # The same output prefix again: nothing of ours is in the way.
+    again = _cli(job, *args)
+    assert again.returncode == 3, again.stderr
+    # The failures file is the earlier run's record: replacing it takes --overwrite, as any earlier output.
+    refused = _cli(job, *args, "--failures", str(out / "failures.jsonl"))
+    assert refused.returncode == 2 and "failures.jsonl" in refused.stderr and "--overwrite" in refused.stderr
 
 
 def test_summarize_that_decodes_nothing_exits_3_too(tmp_path):
@@ -281,11 +303,34 @@ def test_a_tar_with_only_failures_leaves_no_empty_file_and_the_failures_file_onl
 # --- quiet and quick ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,code", [(["--help"], 0), (["--input", "x", "--batch_size", "many"], 2),
-                                       (["--input", "x", "--device", "tpu"], 2)], ids=["help", "bad value", "bad choice"])
-def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, tmp_path):
-    # As the job's own process runs (the supervising parent imports less still).
-    env = {**os.environ, "BEAM_TARIMG_CONTROL_DIR": str(tmp_path)}
+_USAGE_ERRORS = {
+    "help": (["--help"], 0),
+    "bad value": (["--input", "x", "--batch_size", "many"], 2),
+    "bad choice": (["--input", "x", "--device", "tpu"], 2),
+    "missing input": (["--output", "{tmp}/o"], 2),
+    "missing output": (["--input", "{shards}"], 2),
+    "unknown Beam flag": (["--input", "{shards}", "--output", "{tmp}/o", "--bogus_flag", "1"], 2),
+    "bad Beam value": (["--input", "{shards}", "--output", "{tmp}/o", "--direct_num_workers", "two"], 2),
+    "no match": (["--input", "{tmp}/nothing-*.tar", "--output", "{tmp}/o"], 2),
+    "no such folder": (["--input", "{tmp}/no-such-folder/", "--output", "{tmp}/o"], 2),
+    "num_shards on a local runner": (["--input", "{shards}", "--output", "{tmp}/o", "--num_shards", "2"], 2),
+    "earlier run": (["--input", "{shards}", "--output", "{tmp}/old/images"], 2),
+    "unwritable output": (["--input", "{shards}", "--output", "{tmp}/a_file/images"], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(_USAGE_ERRORS))
+def test_help_and_usage_errors_import_neither_beam_nor_dali(case, shards, tmp_path):
+    # As the job's own process runs (the supervising parent imports less still). Beam's import alone takes
+    # seconds: a usage error must come back before it.
+    args, code = _USAGE_ERRORS[case]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{shards}", str(shards)) for a in args]
+    (tmp_path / "a_file").write_text("a regular file, not a folder")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "images-00000-of-00001.parquet").write_bytes(b"PAR1 an earlier run's shard")
+    control = tmp_path / "control"
+    control.mkdir()
+    env = {**os.environ, "BEAM_TARIMG_CONTROL_DIR": str(control)}
     probe = (
         "import runpy, sys\n"
         f"sys.argv = ['tar_to_parquet', *{args!r}]\n"
@@ -301,6 +346,7 @@ def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, t
     assert f"RESULT {code} []" in proc.stderr, proc.stderr
     assert (code == 0) == ("--overwrite" in proc.stdout)  # the help, or one error line
     assert code == 0 or len(proc.stderr.strip().splitlines()) == 2 and "error:" in proc.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(("o-", "beam-temp"))]
 
 
 def test_failure_examples_are_sampled_per_job_even_when_jobs_share_a_process(tmp_path, capsys):
