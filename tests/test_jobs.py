@@ -8,6 +8,7 @@ bounded wait and is killed when it runs past it, so that a regression fails inst
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -119,12 +120,15 @@ def _job_mid_write(tmp_path, runner):
     feeder = threading.Thread(target=_feed_fifo, args=(str(fifo), raw[: len(raw) // 2], stop), daemon=True)
     feeder.start()
     mark = f"beam-tarimg-test-{uuid.uuid4().hex}"
+    temp = tmp_path / "temp"  # the job's temp folder (its progress files, the supervisor's private folder)
+    temp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.tar_to_parquet", "--input", str(data_dir), "--output",
          str(out / "images"), "--failures", str(out / "failures.jsonl"), "--batch_size", "4",
-         "--row_group_mb", "1", "--image_format", "raw", "--quiet", *runner],  # raw: a row group fills fast
+         "--row_group_mb", "1", "--image_format", "raw", *runner],  # raw: a row group fills fast
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark})
+        env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark, "TMPDIR": str(temp),
+             "BEAM_TARIMG_PROGRESS_INTERVAL": "0.2"})
     try:
         deadline = time.monotonic() + TIMEOUT_S
         partial = []
@@ -134,6 +138,7 @@ def _job_mid_write(tmp_path, runner):
                        if os.path.getsize(os.path.join(root, name)) > 0]
         assert partial and any("beam-temp-" in p for p in partial), (proc.poll(), _left_in(out))
         assert len(_processes_with(mark)) >= 2  # the command and the job's process (and SDK workers)
+        assert [n for n in _left_in(temp) if n.startswith("beam-tarimg-job-")]  # the progress folder is in it
         yield proc, out, mark
     finally:
         stop.set()
@@ -159,11 +164,36 @@ def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leave
             proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and f"interrupted by {signal.Signals(sig).name}" in lines[0], stderr
     assert "Traceback" not in stderr
     assert _left_in(out) == []  # no beam-temp-* folder, no partial shard, no failures file
     assert _processes_with(mark) == []
+    assert [n for n in _left_in(tmp_path / "temp") if n.startswith("beam-tarimg-")] == []  # no progress folder
+
+
+def test_the_cleanup_after_an_interrupt_removes_local_partial_outputs_without_importing_beam(tmp_path):
+    # The supervising command's cleanup, as it runs after killing the job: it must not import Beam (seconds)
+    # before giving the prompt back.
+    out, control = tmp_path / "out", tmp_path / "control"
+    out.mkdir()
+    control.mkdir()
+    (out / "images-00000-of-00002.parquet").write_bytes(b"PAR1 half")
+    staging = out / f"beam-temp-images-{uuid.uuid4().hex}"
+    staging.mkdir()
+    (staging / "partial").write_bytes(b"half a file")
+    (out / "failures.jsonl").write_text("{}\n")
+    (out / "other.txt").write_text("not this job's")
+    (control / "job.json").write_text(json.dumps(
+        {"output": str(out / "images"), "failures": str(out / "failures.jsonl"), "beam_args": []}))
+    probe = ("import sys\n"
+             "from pipelines import supervise\n"
+             f"removed = supervise._remove_partial_outputs({str(control)!r})\n"
+             "print('RESULT', removed, 'apache_beam' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert "RESULT 3 False" in proc.stdout, proc.stderr
+    assert _left_in(out) == ["other.txt"]
 
 
 @pytest.mark.slow
