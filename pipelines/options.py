@@ -414,6 +414,13 @@ def check_reachable(paths: Sequence[Tuple[str, Optional[str]]], beam_args: List[
         host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     except ValueError as e:
         raise UsageError(f"--s3_endpoint_url {endpoint!r}: {e}") from None
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get(url.scheme)  # boto3 goes through HTTP(S)_PROXY: probe that instead
+    if proxy and not urllib.request.proxy_bypass(host):
+        endpoint = f"{endpoint} through the proxy {proxy}"
+        proxy_url = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
     error = _connect_error(host, port)
     if error is not None:
         raise UsageError(

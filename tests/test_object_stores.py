@@ -151,6 +151,7 @@ def test_s3__an_output_in_a_missing_bucket_is_one_line_without_beams_traceback(s
 _OFFLINE = {  # nothing a job does may reach past this machine: no credential lookup, no instance metadata
     "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "HTTP_PROXY": "", "HTTPS_PROXY": "", "http_proxy": "", "https_proxy": "", "NO_PROXY": "*", "no_proxy": "*",
 }
 
 
