@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 $(SAMPLE)/.done: $(STAMP)
-	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images-per-tar 64 --seed 0
+	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images_per_tar 64 --seed 0
 	touch $@
 
 demo: $(SAMPLE)/.done
