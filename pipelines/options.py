@@ -9,8 +9,9 @@ Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever
 flags have no ``required=True`` (that would break every other pipeline in the process) and other modules
 should reuse this class rather than define another ``--input`` or ``--output``.
 
-This module imports Apache Beam only when it needs it: ``--help`` and errors in our own flags come back
-without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
+This module imports Apache Beam only when it needs it: ``--help``, errors in our own flags and in Beam's flags
+(checked against Beam's option definitions read from its source, ``beam_flag_parser``) and the checks of
+local paths come back without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
 access; a job's own run never makes it, so its flags do not travel to the workers (whose Beam would log them
 as unparseable). ``--overwrite`` and ``--quiet`` (``add_job_flags``) say how a job runs, not what its
 pipeline does, and are not pipeline options.
