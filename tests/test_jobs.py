@@ -251,6 +251,8 @@ def test_an_all_failed_run_leaves_only_its_failures_file_and_the_next_run_is_ref
     assert len((out / "failures.jsonl").read_text().splitlines()) == 2
     assert "done" not in first.stdout and "first rows" not in first.stdout
     assert "none: no image to write" in first.stdout
+    if job != "tar_to_parquet":
+        return
     # The same output prefix again: nothing of ours is in the way.
     again = _cli(job, *args)
     assert again.returncode == 3, again.stderr
