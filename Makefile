@@ -56,7 +56,7 @@ engines: $(ESTAMP)
 endif
 
 $(SAMPLE)/.done: $(STAMP)
-	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images-per-tar 64 --seed 0
+	$(PY) -m beam_tarimg.sample --out $(SAMPLE) --tars 4 --images_per_tar 64 --seed 0
 	touch $@
 
 demo: $(SAMPLE)/.done

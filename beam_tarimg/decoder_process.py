@@ -1,8 +1,9 @@
 """The decoder's own process: one ``DaliDecoder`` in a child process that the calling process supervises.
 
 DALI can crash (segfault, abort) rather than raise on some damaged JPEGs, and no process survives its own
-segfault. So the pipeline (and its GPU context) lives in a child started with ``python -m
-beam_tarimg.decoder_process`` (a fresh interpreter: nothing is forked from a process with DALI or CUDA threads).
+segfault. So the pipeline (and its GPU context) lives in a child that runs this module in a fresh interpreter
+(``python -I``: nothing is forked from a process with DALI or CUDA threads, and nothing in the user's folder
+shadows the standard library or this package; see ``_child_command``).
 This module owns the child's whole life: start, feed, read, notice its death, restart, stop.
 
 Protocol, over a Unix socket pair (length-prefixed pickles; only small metadata and the encoded bytes travel
@@ -127,6 +128,30 @@ def _signal_name(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+# The decoder process runs in isolated mode (-I: no script folder or current folder, no user site-packages, no
+# PYTHON* variables on its sys.path), so that nothing in the user's folder (a types.py next to their script)
+# shadows the standard library or this package in it; the folder holding the beam_tarimg this process imported
+# (site-packages, or a source checkout) goes first, and this process's other sys.path entries (PYTHONPATH,
+# user site-packages, staged packages) last, behind the standard library and site-packages. Environment
+# variables other than PYTHON* still reach it (the allocator settings below, CRASH_TEST_ENV).
+_BOOTSTRAP = (
+    "import json, runpy, sys\n"
+    "first, last = json.loads(sys.argv.pop(1))\n"
+    "sys.path[:0] = first\n"
+    "sys.path += [p for p in last if p not in sys.path]\n"
+    "runpy.run_module('beam_tarimg.decoder_process', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _child_command() -> List[str]:
+    """``python -I -c <bootstrap> <paths>``: the decoder process's command, before its own arguments."""
+    import json
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [[package_root], [os.path.abspath(p) for p in sys.path if p]]
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, json.dumps(paths)]
+
+
 class DecoderProcess:
     """Runs ``DaliDecoder`` runs in a supervised child process; see the module docstring.
 
@@ -169,7 +194,6 @@ class DecoderProcess:
         parent.setblocking(True)
         child.setblocking(True)
         env = dict(os.environ)
-        # The child imports beam_tarimg from wherever this process did (staged packages on a Beam worker).
         # glibc: buffers of 4 MiB and more (the pixels of large images) come from mmap and go back to the system
         # when freed, so that the decoder process does not keep the peak of its largest runs (by default glibc
         # raises its mmap threshold after each such free, up to 32 MiB, and keeps those buffers on its heaps);
@@ -178,16 +202,13 @@ class DecoderProcess:
         # which cost 35% of the decode throughput here (0.75 vs 0.57 ms of CPU per image).
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
         env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep
-        )
         try:
             stdout = sys.stderr.fileno()  # DALI's messages go to stderr; nothing may write to our stdout
         except (AttributeError, OSError, ValueError):
             stdout = subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "beam_tarimg.decoder_process", str(child.fileno()), str(os.getpid())],
+                [*_child_command(), str(child.fileno()), str(os.getpid())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,

@@ -252,10 +252,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--tars", type=int, default=4, help="number of tar shards (default 4)")
-    parser.add_argument("--images-per-tar", type=int, default=64, help="images per shard (default 64)")
+    # Underscores, as the jobs' flags (--batch_size); the hyphenated spellings of earlier versions still work.
+    parser.add_argument("--images_per_tar", "--images-per-tar", type=int, default=64,
+                        help="images per shard (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--size", type=_parse_size, default=None, help="fixed image size WxH, e.g. 1920x1080")
-    parser.add_argument("--no-sidecars", action="store_true", help="write only .jpg members")
+    parser.add_argument("--no_sidecars", "--no-sidecars", action="store_true", help="write only .jpg members")
     args = parser.parse_args(argv)
 
     paths = make_sample_dataset(

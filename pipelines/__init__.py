@@ -56,7 +56,16 @@ from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
 
 from beam_tarimg.types import FailureStage  # noqa: E402  (Beam-free)
 from pipelines import progress, supervise  # noqa: E402  (Beam-free)
-from pipelines.options import UsageError, parse_args  # noqa: E402  (imports Beam only once our flags are fine)
+from pipelines import outputs  # noqa: E402  (Beam-free for local paths)
+from pipelines.options import (  # noqa: E402  (Beam-free)
+    UsageError,
+    check_local_input,
+    check_reachable,
+    check_writable,
+    is_local_runner,
+    parse_args,
+    quiet_beam_errors,
+)
 
 # Exit codes of the jobs (README, --help).
 EXIT_OK = 0
@@ -78,37 +87,58 @@ def run_pipeline(
     make_sink: Optional[SinkFactory] = None,
     preview: Optional[PreviewFn] = None,
     flags: Optional[Sequence[str]] = None,
+    helps: Optional[Dict[str, str]] = None,
 ) -> Dict[str, object]:
-    """Checks the flags (the job's ``flags``; default all) and paths (raising UsageError before any work),
-    runs, prints and returns the summary.
+    """Checks the flags (the job's ``flags``, default all, with the job's ``helps``) and paths (raising
+    UsageError before any work; before importing Beam where they are local), runs, prints and returns the
+    summary.
 
     The summary's ``exit_code`` is 0, or ``EXIT_NOTHING_WRITTEN`` when tars matched but no image came out
     (``main_for`` exits with it after printing the failures by stage to stderr).
     """
-    args, beam_args = parse_args(argv, prog, description, flags)
-    import apache_beam as beam
-    from apache_beam.io import fileio
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from beam_tarimg.decode import cuda_device_count
-    from beam_tarimg.transforms import ReadAllImagesFromTars, is_local_runner, match_tars, tar_pattern
-    from pipelines import outputs, steps
-    from pipelines.options import check_writable, runner_name
-
+    args, beam_args = parse_args(argv, prog, description, flags, helps or {})
+    # Every check that needs no filesystem but the local one comes before Beam is imported (seconds).
+    runner = args.runner
+    local = is_local_runner(runner)
     if not args.input:
         raise UsageError("--input is required: a glob or a directory of .tar files")
     if make_sink is not None and not args.output:
         raise UsageError("--output is required: the path prefix of the output files")
-    runner = runner_name(beam_args)
-    local = is_local_runner(runner)
-    if args.device == "gpu" and local and cuda_device_count() == 0:
-        raise UsageError("--device gpu: no CUDA device is visible on this machine; use --device auto or cpu")
+    if args.device == "gpu" and local:
+        from beam_tarimg.decode import cuda_device_count
+
+        if cuda_device_count() == 0:
+            raise UsageError("--device gpu: no CUDA device is visible on this machine; use --device auto or cpu")
     if make_sink is not None and args.num_shards and local:
         raise UsageError(
             f"--num_shards {args.num_shards}: on a local runner ({runner}) Beam's fixed sharding groups every "
             "row by shard in memory (the whole output); leave it out to get one file per bundle, or run on a "
             "distributed runner"
         )
+    output = args.output if make_sink is not None else None
+    if outputs.is_local(args.input):
+        check_local_input(args.input)
+    if args.failures and outputs.is_local(args.failures) and os.path.isdir(args.failures):
+        raise UsageError(f"--failures {args.failures!r} is a directory; give a file path")
+    check_reachable([("--input", args.input), ("--output", output), ("--failures", args.failures)], beam_args)
+    remote = not all(outputs.is_local(p) for p in (output, args.failures) if p)
+    if not remote:
+        existing = _refuse_earlier_run(output, args)
+        if output:
+            check_writable(output, "--output")
+        if args.failures:
+            check_writable(args.failures, "--failures")
+
+    import apache_beam as beam
+    from apache_beam.io import fileio
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_tarimg.transforms import ReadAllImagesFromTars, match_tars, tar_pattern
+    from pipelines import steps
+    from pipelines.options import check_beam_flags
+
+    check_beam_flags(beam_args)  # Beam's own parser has the last word on its flags
     pattern = tar_pattern(args.input)
     try:
         read = ReadAllImagesFromTars(
@@ -122,24 +152,20 @@ def run_pipeline(
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     except (ValueError, ImportError) as e:
         raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    FileSystems.set_options(PipelineOptions(beam_args))  # the job's S3 endpoint and keys, for the checks below
     # Touch the filesystems last: matching may list a bucket, and the write probes create directories.
     try:
-        matched = match_tars(pattern)
+        with quiet_beam_errors():
+            matched = match_tars(pattern)
     except ValueError as e:
         raise UsageError(f"--input: {e}") from None
-    output = args.output if sink is not None else None
-    if args.failures and "://" not in args.failures and os.path.isdir(args.failures):
-        raise UsageError(f"--failures {args.failures!r} is a directory; give a file path")
-    existing = outputs.job_files(output, args.failures)
-    if existing and not args.overwrite:
-        raise UsageError(
-            f"{len(existing)} files of an earlier run exist ({outputs.describe(existing)}); "
-            "give --overwrite to remove them first, or another --output / --failures"
-        )
-    if sink is not None:
-        check_writable(args.output, "--output")
-    if args.failures:
-        check_writable(args.failures, "--failures")
+    if remote:
+        with quiet_beam_errors():  # Beam's S3 filesystem logs a traceback before it raises
+            existing = _refuse_earlier_run(output, args)
+            if output:
+                check_writable(output, "--output")
+            if args.failures:
+                check_writable(args.failures, "--failures")
     if existing:
         outputs.remove(existing)
     # From here on this job writes: a supervising parent removes what it wrote if it is interrupted.
@@ -166,12 +192,17 @@ def run_pipeline(
         result = pipeline.run()
         result.wait_until_finish()
     seconds = time.perf_counter() - start
-    supervise.announce_done()
 
     summary = _summary(result, seconds, runner, pattern, args, wrote=sink is not None)
     summary["tars_matched"] = len(matched)
     images = summary["images_written"] if sink is not None else summary["images_decoded"]
     summary["exit_code"] = EXIT_NOTHING_WRITTEN if images == 0 else EXIT_OK
+    if images == 0 and summary["output_files"]:
+        # Shards without a row (Beam's Parquet sink writes one per bundle even then): an all-failed run leaves
+        # only its failures file, and the next run needs no --overwrite because of them.
+        outputs.remove(summary["output_files"])
+        summary["output_files"] = []
+    supervise.announce_done()
     print_summary(prog, summary)
     if preview is not None and args.preview_rows and summary["output_files"]:
         first = summary["output_files"][0]
@@ -180,6 +211,18 @@ def run_pipeline(
             print(line)
     sys.stdout.flush()
     return summary
+
+
+def _refuse_earlier_run(output: Optional[str], args) -> List[str]:
+    """The files of an earlier run at ``output`` and ``--failures``; UsageError if any exist without
+    ``--overwrite``."""
+    existing = outputs.job_files(output, args.failures)
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"{len(existing)} files of an earlier run exist ({outputs.describe(existing)}); "
+            "give --overwrite to remove them first, or another --output / --failures"
+        )
+    return existing
 
 
 def _query(result) -> tuple:
@@ -258,7 +301,11 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
     wrote = s["output"] is not None
     what = "images written" if wrote else "images decoded"
     count = s["images_written"] if wrote else s["images_decoded"]
-    print(f"{prog}: done in {s['seconds']:.1f} s on {s['runner']}")
+    if s.get("exit_code") == EXIT_NOTHING_WRITTEN:
+        print(f"{prog}: finished in {s['seconds']:.1f} s on {s['runner']}, but no image was "
+              f"{'written' if wrote else 'decoded'}")
+    else:
+        print(f"{prog}: done in {s['seconds']:.1f} s on {s['runner']}")
     print(f"  input            {s['input']}")
     print(f"  tars read        {s['tars']} ({s['tars_corrupt']} of them corrupt or cut off)")
     if s["tars_failed"]:
@@ -273,7 +320,7 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
     if wrote:
         files = s["output_files"]
         where = files[0] if len(files) == 1 else f"{s['output']}* ({len(files)} files)"
-        print(f"  output           {where}")
+        print(f"  output           {where if files else 'none: no image to write'}")
     if s["failures_path"]:
         written = s["failures_path"] if s["failures"] else "none written: nothing was lost"
         print(f"  failures file    {written}")

@@ -9,8 +9,9 @@ Beam parses the flags of every ``PipelineOptions`` subclass it has seen whenever
 flags have no ``required=True`` (that would break every other pipeline in the process) and other modules
 should reuse this class rather than define another ``--input`` or ``--output``.
 
-This module imports Apache Beam only when it needs it: ``--help`` and errors in our own flags come back
-without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
+This module imports Apache Beam only when it needs it: ``--help``, errors in our own flags and in Beam's flags
+(checked against Beam's option definitions read from its source, ``beam_flag_parser``) and the checks of
+local paths come back without it (Beam's import alone takes seconds on a busy machine). ``TarImagesOptions`` is made on first
 access; a job's own run never makes it, so its flags do not travel to the workers (whose Beam would log them
 as unparseable). ``--overwrite`` and ``--quiet`` (``add_job_flags``) say how a job runs, not what its
 pipeline does, and are not pipeline options.
@@ -19,8 +20,9 @@ pipeline does, and are not pipeline options.
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from beam_tarimg.decode import DEVICES
 from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, PARQUET_CODECS
@@ -41,10 +43,22 @@ _BEAM_FLAGS_EPILOG = (
 )
 
 
-# The flags of each job, by dest name.
+# The flags of each job, by dest name; those a job takes of REQUIRED are required on its command line.
 SUMMARIZE_FLAGS = ("input", "batch_size", "num_threads", "device", "extensions", "include_metadata", "failures")
 TFRECORD_FLAGS = SUMMARIZE_FLAGS + ("output", "image_format", "jpeg_quality", "num_shards", "preview_rows")
 PARQUET_FLAGS = TFRECORD_FLAGS + ("row_group_mb", "codec")
+REQUIRED = ("input", "output")
+
+# Help texts that differ by job (the defaults in _TarImagesFlags speak of a job that writes Parquet).
+SUMMARIZE_HELP = {
+    "include_metadata": "also read and parse each sample's .json and .txt sidecars, as the writing jobs do with "
+                        "this flag: a .json sidecar that is not valid JSON is then a metadata failure",
+    "overwrite": "remove the --failures file of an earlier run first; without it the job refuses to start where "
+                 "that file exists",
+}
+TFRECORD_HELP = {
+    "output": "path prefix of the output files, e.g. out/images gives out/images-00000-of-00004.tfrecord",
+}
 
 
 class UsageError(Exception):
@@ -60,12 +74,11 @@ class _TarImagesFlags:
         parser.add_argument(
             "--input", default=None,
             help="tar shards to read: a glob (data/*.tar, gs://bucket/shards/*.tar) or a directory (all *.tar "
-                 "in it), on any filesystem Beam knows. Required.",
+                 "in it), on any filesystem Beam knows",
         )
         parser.add_argument(
             "--output", default=None,
-            help="path prefix of the output files, e.g. out/images gives out/images-00000-of-00004.parquet. "
-                 "Required by tar_to_parquet and tar_to_tfrecord.",
+            help="path prefix of the output files, e.g. out/images gives out/images-00000-of-00004.parquet",
         )
         parser.add_argument("--batch_size", type=int, default=100, help="images per DALI batch (default 100)")
         parser.add_argument(
@@ -115,14 +128,23 @@ class _TarImagesFlags:
 
 
 class _SomeFlags:
-    """Passes ``add_argument`` on to ``parser`` for the flags whose dest is in ``names`` only."""
+    """Passes ``add_argument`` on to ``parser`` for the flags whose dest is in ``names`` only: those in
+    ``REQUIRED`` as required flags (listed first, in a group of their own), with the job's own ``helps``."""
 
-    def __init__(self, parser: argparse.ArgumentParser, names: Sequence[str]):
+    def __init__(self, parser: argparse.ArgumentParser, names: Sequence[str], helps: Mapping[str, str]):
         self._parser = parser
         self._names = frozenset(names)
+        self._helps = dict(helps)
+        self._required = parser.add_argument_group("required flags")
 
     def add_argument(self, *option_strings, **kwargs):
-        if option_strings[0].lstrip("-") in self._names:
+        name = option_strings[0].lstrip("-")
+        if name not in self._names:
+            return
+        kwargs["help"] = self._helps.get(name, kwargs.get("help"))
+        if name in REQUIRED:
+            self._required.add_argument(*option_strings, required=True, **kwargs)
+        else:
             self._parser.add_argument(*option_strings, **kwargs)
 
 
@@ -136,12 +158,12 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def add_job_flags(parser) -> None:
+def add_job_flags(parser, helps: Mapping[str, str] = {}) -> None:
     """The flags of how a job runs (not of what it reads or writes)."""
     parser.add_argument(
         "--overwrite", action="store_true", default=False,
-        help="remove the files of an earlier run first (the output's shards and beam-temp-* folders, the "
-             "failures file); without it a job refuses to start where they exist",
+        help=helps.get("overwrite", "remove the files of an earlier run first (the output's shards and beam-temp-* "
+                       "folders, the failures file); without it a job refuses to start where they exist"),
     )
     parser.add_argument(
         "--quiet", action="store_true", default=False,
@@ -158,32 +180,103 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[Sequence[str]], prog: str, description: str,
-               flags: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, List[str]]:
-    """Our flags (those named in ``flags``, default all), and the Beam flags (with ``--runner`` defaulted to
-    FnApiRunner). Raises UsageError.
+               flags: Optional[Sequence[str]] = None,
+               helps: Mapping[str, str] = {}) -> Tuple[argparse.Namespace, List[str]]:
+    """Our flags (those named in ``flags``, default all; ``helps``: the job's own help texts), and the Beam
+    flags (with ``--runner`` defaulted to FnApiRunner). Raises UsageError. Imports no Beam: the Beam flags are
+    checked against Beam's option definitions read from its source (``beam_flag_parser``); ``args.runner`` is
+    the runner's name.
 
     ``--help`` prints the job's flags and exits with code 0. The flags a job does not take are usage errors
     on its command line and keep their defaults in the returned namespace.
     """
     parser = _Parser(prog=prog, description=description, epilog=_BEAM_FLAGS_EPILOG, allow_abbrev=False)
-    _TarImagesFlags._add_argparse_args(parser if flags is None else _SomeFlags(parser, flags))
-    add_job_flags(parser)
+    _TarImagesFlags._add_argparse_args(_SomeFlags(parser, PARQUET_FLAGS if flags is None else flags, helps))
+    add_job_flags(parser, helps)
     args, beam_args = parser.parse_known_args(list(argv) if argv is not None else None)
     every_flag = argparse.ArgumentParser(add_help=False)
     _TarImagesFlags._add_argparse_args(every_flag)
     for name, default in vars(every_flag.parse_args([])).items():
         args.__dict__.setdefault(name, default)
-    _check_values(args)  # before Beam is imported: our own flags' errors come back at once
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
-    _check_beam_flags(beam_args)
-    runner = PipelineOptions(beam_args).view_as(StandardOptions).runner
+    _check_values(args)
+    beam_parser = beam_flag_parser()
+    if beam_parser is None:  # Beam's source unreadable (a zipped install): ask Beam itself
+        _check_beam_flags(beam_args)
+        runner = runner_name(beam_args)
+    else:
+        runner = _parse_beam_flags(beam_parser, beam_args).runner
     if runner is None:
-        beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
         runner = DEFAULT_RUNNER
+        beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
     if isinstance(runner, str) and runner.lower() in _FULL_RUNNER_NAMES:
-        beam_args = [*beam_args, f"--runner={_FULL_RUNNER_NAMES[runner.lower()]}"]  # the last --runner wins
+        runner = _FULL_RUNNER_NAMES[runner.lower()]
+        beam_args = [*beam_args, f"--runner={runner}"]  # the last --runner wins
+    args.runner = runner
     return args, beam_args
+
+
+def beam_flag_parser() -> Optional[argparse.ArgumentParser]:
+    """A parser of Beam's pipeline option flags (names, whether they take a value, int/float types and choices),
+    built from ``apache_beam/options/pipeline_options.py``'s source without importing Beam (the import alone
+    takes 1.5-6 s on a busy machine, and a usage error must come back at once); None if that file cannot be
+    read. ``tests/test_pipelines.py`` checks that it knows exactly the flags Beam's own option classes define."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("apache_beam")  # finds the package without importing it
+        path = os.path.join(os.path.dirname(spec.origin), "options", "pipeline_options.py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (AttributeError, ImportError, OSError, SyntaxError, TypeError, ValueError):
+        return None
+    parser = _Parser(add_help=False, allow_abbrev=False)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("add_argument", "add_value_provider_argument")):
+            continue
+        names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if not names or not all(n.startswith("-") for n in names):
+            continue
+        kwargs = {}
+        for keyword in node.keywords:
+            value = keyword.value
+            if keyword.arg == "action" and isinstance(value, ast.Constant) and value.value in (
+                    "store_true", "store_false"):
+                kwargs["action"] = "store_true"  # either way: takes no value
+            elif keyword.arg == "nargs" and isinstance(value, ast.Constant):
+                kwargs["nargs"] = value.value
+            elif keyword.arg == "type" and isinstance(value, ast.Name) and value.id in ("int", "float"):
+                kwargs["type"] = {"int": int, "float": float}[value.id]
+            elif keyword.arg == "choices":
+                try:
+                    kwargs["choices"] = ast.literal_eval(value)
+                except ValueError:
+                    pass
+        try:
+            parser.add_argument(*names, **kwargs)
+        except argparse.ArgumentError:  # a flag defined twice: the first definition holds
+            pass
+    return parser
+
+
+def _parse_beam_flags(parser: argparse.ArgumentParser, beam_args: List[str]) -> argparse.Namespace:
+    namespace, unknown = parser.parse_known_args(beam_args)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    return namespace
+
+
+def is_local_runner(runner: str) -> bool:
+    """``beam_tarimg.transforms.is_local_runner`` without importing Beam (a test checks that they agree)."""
+    return runner.rsplit(".", 1)[-1].lower() in LOCAL_RUNNERS
+
+
+LOCAL_RUNNERS = frozenset(
+    name.lower()
+    for name in ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner", "FnApiRunner", "PrismRunner",
+                 "TestDirectRunner", "InteractiveRunner")
+)
 
 
 def _check_beam_flags(beam_args: List[str]) -> None:
@@ -236,6 +329,18 @@ def check_writable(path: str, flag: str) -> None:
     upload with no part, which S3 rejects as MalformedXML)."""
     if not path:
         raise UsageError(f"{flag} is required")
+    if "://" not in path:  # a local path: no Beam needed
+        directory = path if path.endswith(os.sep) else os.path.dirname(path)
+        probe = os.path.join(directory or ".", f".beam-tarimg-probe-{uuid.uuid4().hex}")
+        try:
+            if directory:
+                os.makedirs(directory, exist_ok=True)  # as Beam's local filesystem does
+            with open(probe, "wb") as f:
+                f.write(b"beam-tarimg write probe\n")
+            os.remove(probe)
+        except OSError as e:  # permissions, a file where a directory should be
+            raise UsageError(f"{flag} {path!r} is not writable: {type(e).__name__}: {e}") from None
+        return
     from apache_beam.io.filesystems import FileSystems
 
     try:
@@ -248,3 +353,131 @@ def check_writable(path: str, flag: str) -> None:
         FileSystems.delete([probe])
     except Exception as e:  # any filesystem: permissions, a file where a directory should be, no such bucket
         raise UsageError(f"{flag} {path!r} is not writable: {type(e).__name__}: {e}") from None
+
+
+def check_beam_flags(beam_args: List[str]) -> None:
+    """Beam's own check of its flags (imports Beam); ``parse_args`` already did the same from Beam's source."""
+    _check_beam_flags(beam_args)
+
+
+def check_local_input(path: str) -> None:
+    """Raises UsageError when a local ``--input`` certainly matches no file, deciding without Beam: a path
+    without wildcards that does not exist, a folder without a ``*.tar`` entry, a glob whose folder does not
+    exist or holds no name it matches (wildcards ``*`` and ``?`` in the last part only). Anything else is left
+    to Beam's match, which has the last word."""
+    import fnmatch
+
+    pattern = path + "*.tar" if path.endswith(os.sep) else (
+        os.path.join(path, "*.tar") if os.path.isdir(path) else path)
+    folder, name = os.path.split(pattern)
+    if "[" in pattern or any(c in folder for c in "*?"):
+        return
+    no_match = UsageError(f"--input: no files match {pattern!r}")
+    if not any(c in name for c in "*?"):
+        if not os.path.lexists(pattern):
+            raise no_match
+        return
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        raise no_match from None
+    except OSError:
+        return
+    if not any(fnmatch.fnmatchcase(n, name) for n in names):
+        raise no_match
+
+
+S3_ENDPOINT_FLAGS = "--s3_endpoint_url URL (with --s3_access_key_id, --s3_secret_access_key, --s3_region_name)"
+_REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(paths: Sequence[Tuple[str, Optional[str]]], beam_args: List[str]) -> None:
+    """For ``s3://`` paths (``(flag, path)`` pairs): the S3 endpoint the job would use (``--s3_endpoint_url``,
+    else boto3's own choice: AWS, or ``AWS_ENDPOINT_URL_S3``...) accepts a TCP connection within ~10 s, else
+    UsageError naming the endpoint flags. Without this, Beam's S3 client retries an unreachable endpoint for
+    minutes, logging a traceback at each retry."""
+    flag, path = next(((f, p) for f, p in paths if p and p.startswith("s3://")), (None, None))
+    if path is None:
+        return
+    parser = beam_flag_parser()
+    namespace = parser.parse_known_args(beam_args)[0] if parser is not None else argparse.Namespace()
+    endpoint = getattr(namespace, "s3_endpoint_url", None)
+    if not endpoint:
+        try:
+            import boto3
+
+            # Credentials given, so that making the client asks no credential provider (an instance metadata
+            # service would be a network request): only the endpoint is wanted, resolved as Beam's client will.
+            endpoint = boto3.session.Session().client(
+                "s3", region_name=getattr(namespace, "s3_region_name", None) or "us-east-1",
+                aws_access_key_id="unused", aws_secret_access_key="unused").meta.endpoint_url
+        except Exception:  # no boto3 (Beam's S3 filesystem then says what to install), or no endpoint found
+            return
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as e:
+        raise UsageError(f"--s3_endpoint_url {endpoint!r}: {e}") from None
+    import urllib.request
+
+    proxy = urllib.request.getproxies().get(url.scheme)  # boto3 goes through HTTP(S)_PROXY: probe that instead
+    if proxy and not urllib.request.proxy_bypass(host):
+        endpoint = f"{endpoint} through the proxy {proxy}"
+        proxy_url = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    error = _connect_error(host, port)
+    if error is not None:
+        raise UsageError(
+            f"{flag} {path!r}: cannot reach the S3 endpoint {endpoint} ({error}); for an S3-compatible store "
+            f"pass {S3_ENDPOINT_FLAGS}, or check the network"
+        )
+
+
+def _connect_error(host: Optional[str], port: int) -> Optional[str]:
+    """None if ``host:port`` accepts a TCP connection within _REACH_TIMEOUT_S (name lookup included), else why."""
+    import socket
+    import threading
+
+    if not host:
+        return "no host in the URL"
+    outcome: List[Optional[str]] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=_REACH_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    thread = threading.Thread(target=connect, name="beam-tarimg-reach", daemon=True)  # a name lookup can hang
+    thread.start()
+    thread.join(_REACH_TIMEOUT_S + 1)
+    return outcome[0] if outcome else f"no answer in {_REACH_TIMEOUT_S:.0f} s"
+
+
+class quiet_beam_errors:
+    """Drops the ERROR records that Beam's S3 filesystem logs on the root logger (with a whole traceback) just
+    before it raises, while the job checks its paths: the job turns the exception into one line."""
+
+    def __init__(self):
+        import threading
+
+        self._thread = threading.get_ident()
+
+    def filter(self, record) -> bool:
+        import threading
+
+        return not (record.name == "root" and record.levelno >= 40 and threading.get_ident() == self._thread)
+
+    def __enter__(self):
+        import logging
+
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger().removeFilter(self)

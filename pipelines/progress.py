@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Dict, Optional, TextIO
 
+from pipelines import supervise
+
 ENV_DIR = "BEAM_TARIMG_PROGRESS_DIR"
 ENV_INTERVAL = "BEAM_TARIMG_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 10.0
@@ -120,7 +122,10 @@ class ProgressDisplay:
     def __enter__(self) -> "ProgressDisplay":
         if not self.enabled:
             return self
-        self._folder = tempfile.mkdtemp(prefix="beam-tarimg-progress-")
+        # Under the command's supervisor, inside its private folder: it removes that folder even when this
+        # process is killed (Ctrl-C), so that no empty progress folder is left in the temp folder.
+        self._folder = tempfile.mkdtemp(prefix="beam-tarimg-progress-",
+                                        dir=os.environ.get(supervise.ENV_CONTROL) or None)
         self._previous_env = os.environ.get(ENV_DIR)
         os.environ[ENV_DIR] = self._folder
         self._reader = _Reader(self._folder)

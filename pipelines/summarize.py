@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 from pipelines import main_for, run_pipeline
-from pipelines.options import SUMMARIZE_FLAGS
+from pipelines.options import SUMMARIZE_FLAGS, SUMMARIZE_HELP
 
 PROG = "python -m pipelines.summarize"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and print a summary."
@@ -19,7 +19,8 @@ DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
-    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, flags=SUMMARIZE_FLAGS)
+    return run_pipeline(argv, prog=PROG, description=DESCRIPTION, flags=SUMMARIZE_FLAGS,
+                        helps=SUMMARIZE_HELP)
 
 
 def main() -> None:

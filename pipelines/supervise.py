@@ -10,7 +10,8 @@ the group (a CI timeout, a harness) kills the job too. The child tells the paren
 private folder, where it is about to write (``announce_outputs``) and when the pipeline has finished
 (``announce_done``). On SIGINT, SIGTERM or SIGHUP the parent kills the child and every process below it, then
 removes the job's shards, failures file and Beam staging folders (unless the pipeline had
-already finished, in which case its outputs are complete and stay), prints one line, and exits with
+already finished, in which case its outputs are complete and stay) and the private folder (the progress
+display's files are in it too), prints one line, and exits with
 128 + the signal number: 130 for SIGINT, 143 for SIGTERM (129 for SIGHUP: the terminal closed).
 """
 
@@ -155,10 +156,13 @@ def _remove_partial_outputs(folder: str) -> int:
         return 0
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from pipelines import outputs
 
-    FileSystems.set_options(PipelineOptions(job["beam_args"]))
+    if not all(outputs.is_local(p) for p in (job["output"], job["failures"]) if p):
+        # A bucket: Beam's filesystems, with the job's endpoint and keys (importing Beam takes seconds; local
+        # files are removed without it, so that Ctrl-C gives the prompt back at once).
+        from apache_beam.io.filesystems import FileSystems
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        FileSystems.set_options(PipelineOptions(job["beam_args"]))
     return outputs.remove(outputs.job_files(job["output"], job["failures"]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from pipelines import main_for, preview_lines, run_pipeline
-from pipelines.options import TFRECORD_FLAGS
+from pipelines.options import TFRECORD_FLAGS, TFRECORD_HELP
 
 PROG = "python -m pipelines.tar_to_tfrecord"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and write them to TFRecord files."
@@ -57,7 +57,7 @@ def preview(path: str, n: int) -> List[str]:
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
     return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview,
-                        flags=TFRECORD_FLAGS)
+                        flags=TFRECORD_FLAGS, helps=TFRECORD_HELP)
 
 
 def main() -> None:

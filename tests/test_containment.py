@@ -308,3 +308,28 @@ def test_decoder__a_run_interrupted_in_this_process_leaves_no_stale_reply_for_th
     outcomes = decoder.decode(small)
     assert all(np.array_equal(o.pixels, pillow_rgb(b)) for o, b in zip(outcomes, small))
     assert decoder.crashes == 0
+
+
+def test_decoder__a_types_py_in_the_users_folder_does_not_break_the_decoder_process(tmp_path):
+    # A user's script, run from its own folder (which Python puts first on sys.path) next to a types.py that
+    # shadows the standard library's; beam_tarimg imported from this source checkout through PYTHONPATH. The
+    # decoder process must use the standard library's types, and still get its environment (the crash request).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "types.py").write_text("raise ImportError('the user folder shadowed the standard library')\n")
+    (tmp_path / "job.py").write_text(
+        "import sys\n"
+        "from beam_tarimg.decode import ImageDecoder\n"
+        "from conftest import make_jpeg\n"
+        "from test_containment import _marked\n"
+        "decoder = ImageDecoder(max_batch_size=4, num_threads=1, device='cpu')\n"
+        "outcomes = decoder.decode([make_jpeg(1, 40, 30), _marked(make_jpeg(2))])\n"
+        "print('SHAPE', outcomes[0].pixels.shape, outcomes[0].decoder)\n"
+        "print('CRASH', outcomes[1].error)\n"
+    )
+    env = {**os.environ, CRASH_TEST_ENV: f"SIGABRT:{MARKER.hex()}",
+           "PYTHONPATH": os.pathsep.join([repo, os.path.join(repo, "tests")])}
+    proc = subprocess.run([sys.executable, "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "SHAPE (30, 40, 3) cpu" in proc.stdout
+    assert "CRASH decoder process crashed (SIGABRT)" in proc.stdout

@@ -8,6 +8,7 @@ bounded wait and is killed when it runs past it, so that a regression fails inst
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -119,12 +120,15 @@ def _job_mid_write(tmp_path, runner):
     feeder = threading.Thread(target=_feed_fifo, args=(str(fifo), raw[: len(raw) // 2], stop), daemon=True)
     feeder.start()
     mark = f"beam-tarimg-test-{uuid.uuid4().hex}"
+    temp = tmp_path / "temp"  # the job's temp folder (its progress files, the supervisor's private folder)
+    temp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.tar_to_parquet", "--input", str(data_dir), "--output",
          str(out / "images"), "--failures", str(out / "failures.jsonl"), "--batch_size", "4",
-         "--row_group_mb", "1", "--image_format", "raw", "--quiet", *runner],  # raw: a row group fills fast
+         "--row_group_mb", "1", "--image_format", "raw", *runner],  # raw: a row group fills fast
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark})
+        env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark, "TMPDIR": str(temp),
+             "BEAM_TARIMG_PROGRESS_INTERVAL": "0.2"})
     try:
         deadline = time.monotonic() + TIMEOUT_S
         partial = []
@@ -134,6 +138,7 @@ def _job_mid_write(tmp_path, runner):
                        if os.path.getsize(os.path.join(root, name)) > 0]
         assert partial and any("beam-temp-" in p for p in partial), (proc.poll(), _left_in(out))
         assert len(_processes_with(mark)) >= 2  # the command and the job's process (and SDK workers)
+        assert [n for n in _left_in(temp) if n.startswith("beam-tarimg-job-")]  # the progress folder is in it
         yield proc, out, mark
     finally:
         stop.set()
@@ -159,11 +164,36 @@ def test_interrupt__mid_write_exits_128_plus_signal_ends_every_process_and_leave
             proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and f"interrupted by {signal.Signals(sig).name}" in lines[0], stderr
     assert "Traceback" not in stderr
     assert _left_in(out) == []  # no beam-temp-* folder, no partial shard, no failures file
     assert _processes_with(mark) == []
+    assert [n for n in _left_in(tmp_path / "temp") if n.startswith("beam-tarimg-")] == []  # no progress folder
+
+
+def test_the_cleanup_after_an_interrupt_removes_local_partial_outputs_without_importing_beam(tmp_path):
+    # The supervising command's cleanup, as it runs after killing the job: it must not import Beam (seconds)
+    # before giving the prompt back.
+    out, control = tmp_path / "out", tmp_path / "control"
+    out.mkdir()
+    control.mkdir()
+    (out / "images-00000-of-00002.parquet").write_bytes(b"PAR1 half")
+    staging = out / f"beam-temp-images-{uuid.uuid4().hex}"
+    staging.mkdir()
+    (staging / "partial").write_bytes(b"half a file")
+    (out / "failures.jsonl").write_text("{}\n")
+    (out / "other.txt").write_text("not this job's")
+    (control / "job.json").write_text(json.dumps(
+        {"output": str(out / "images"), "failures": str(out / "failures.jsonl"), "beam_args": []}))
+    probe = ("import sys\n"
+             "from pipelines import supervise\n"
+             f"removed = supervise._remove_partial_outputs({str(control)!r})\n"
+             "print('RESULT', removed, 'apache_beam' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert "RESULT 3 False" in proc.stdout, proc.stderr
+    assert _left_in(out) == ["other.txt"]
 
 
 @pytest.mark.slow
@@ -196,7 +226,8 @@ def test_a_run_that_writes_no_image_exits_3_and_says_why_by_stage_without_failur
     proc = _cli("tar_to_parquet", "--input", str(data), "--output", str(tmp_path / "out" / "images"),
                 "--quiet", "--runner", "FnApiRunner")
     assert proc.returncode == 3, (proc.stdout, proc.stderr)
-    assert "images written   0" in proc.stdout
+    assert "images written   0" in proc.stdout and "done" not in proc.stdout and "first rows" not in proc.stdout
+    assert _left_in(tmp_path / "out") == []  # no shard without a row
     err = proc.stderr.splitlines()
     assert err[0].endswith("error: 2 tars matched but no image was written; 2 failures"), proc.stderr
     assert "failures by stage: read 2" in err[1]
@@ -205,6 +236,29 @@ def test_a_run_that_writes_no_image_exits_3_and_says_why_by_stage_without_failur
         os.path.basename(line.split()[1].rstrip(":")) for line in reasons}
     assert all(line.split()[0] == "read" and len(line.split(": ", 1)[1]) > 0 for line in reasons)
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("job,ext", [("tar_to_parquet", "parquet"), ("tar_to_tfrecord", "tfrecord")])
+def test_an_all_failed_run_leaves_only_its_failures_file_and_the_next_run_is_refused_only_for_that(
+        tmp_path, job, ext):
+    data, out = tmp_path / "in", tmp_path / "out"
+    data.mkdir()
+    write_tar(str(data / "bad.tar"), [("a.jpg", b"\xff\xd8 not a JPEG"), ("b.jpg", b"")])
+    args = ["--input", str(data), "--output", str(out / "images"), "--quiet", "--runner", "FnApiRunner"]
+    first = _cli(job, *args, "--failures", str(out / "failures.jsonl"))
+    assert first.returncode == 3, first.stderr
+    assert _left_in(out) == ["failures.jsonl"]  # no 0-row shard beside it
+    assert len((out / "failures.jsonl").read_text().splitlines()) == 2
+    assert "done" not in first.stdout and "first rows" not in first.stdout
+    assert "none: no image to write" in first.stdout
+    if job != "tar_to_parquet":
+        return
+    # The same output prefix again: nothing of ours is in the way.
+    again = _cli(job, *args)
+    assert again.returncode == 3, again.stderr
+    # The failures file is the earlier run's record: replacing it takes --overwrite, as any earlier output.
+    refused = _cli(job, *args, "--failures", str(out / "failures.jsonl"))
+    assert refused.returncode == 2 and "failures.jsonl" in refused.stderr and "--overwrite" in refused.stderr
 
 
 def test_summarize_that_decodes_nothing_exits_3_too(tmp_path):
@@ -281,11 +335,34 @@ def test_a_tar_with_only_failures_leaves_no_empty_file_and_the_failures_file_onl
 # --- quiet and quick ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,code", [(["--help"], 0), (["--input", "x", "--batch_size", "many"], 2),
-                                       (["--input", "x", "--device", "tpu"], 2)], ids=["help", "bad value", "bad choice"])
-def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, tmp_path):
-    # As the job's own process runs (the supervising parent imports less still).
-    env = {**os.environ, "BEAM_TARIMG_CONTROL_DIR": str(tmp_path)}
+_USAGE_ERRORS = {
+    "help": (["--help"], 0),
+    "bad value": (["--input", "x", "--batch_size", "many"], 2),
+    "bad choice": (["--input", "x", "--device", "tpu"], 2),
+    "missing input": (["--output", "{tmp}/o"], 2),
+    "missing output": (["--input", "{shards}"], 2),
+    "unknown Beam flag": (["--input", "{shards}", "--output", "{tmp}/o", "--bogus_flag", "1"], 2),
+    "bad Beam value": (["--input", "{shards}", "--output", "{tmp}/o", "--direct_num_workers", "two"], 2),
+    "no match": (["--input", "{tmp}/nothing-*.tar", "--output", "{tmp}/o"], 2),
+    "no such folder": (["--input", "{tmp}/no-such-folder/", "--output", "{tmp}/o"], 2),
+    "num_shards on a local runner": (["--input", "{shards}", "--output", "{tmp}/o", "--num_shards", "2"], 2),
+    "earlier run": (["--input", "{shards}", "--output", "{tmp}/old/images"], 2),
+    "unwritable output": (["--input", "{shards}", "--output", "{tmp}/a_file/images"], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(_USAGE_ERRORS))
+def test_help_and_usage_errors_import_neither_beam_nor_dali(case, shards, tmp_path):
+    # As the job's own process runs (the supervising parent imports less still). Beam's import alone takes
+    # seconds: a usage error must come back before it.
+    args, code = _USAGE_ERRORS[case]
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{shards}", str(shards)) for a in args]
+    (tmp_path / "a_file").write_text("a regular file, not a folder")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "images-00000-of-00001.parquet").write_bytes(b"PAR1 an earlier run's shard")
+    control = tmp_path / "control"
+    control.mkdir()
+    env = {**os.environ, "BEAM_TARIMG_CONTROL_DIR": str(control)}
     probe = (
         "import runpy, sys\n"
         f"sys.argv = ['tar_to_parquet', *{args!r}]\n"
@@ -301,6 +378,7 @@ def test_help_and_errors_in_our_flags_import_neither_beam_nor_dali(args, code, t
     assert f"RESULT {code} []" in proc.stderr, proc.stderr
     assert (code == 0) == ("--overwrite" in proc.stdout)  # the help, or one error line
     assert code == 0 or len(proc.stderr.strip().splitlines()) == 2 and "error:" in proc.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(("o-", "beam-temp"))]
 
 
 def test_failure_examples_are_sampled_per_job_even_when_jobs_share_a_process(tmp_path, capsys):

@@ -138,6 +138,51 @@ def test_s3__input_output_and_failures_match_a_local_run_and_no_empty_object_is_
     assert [json.loads(line)["tar"] for line in failures] == [f"s3://{BUCKET}/in/00002.tar"]
 
 
+@pytest.mark.parametrize("flag", ["--output", "--failures"])
+def test_s3__an_output_in_a_missing_bucket_is_one_line_without_beams_traceback(shards, s3, tmp_path, flag):
+    _, flags = s3
+    paths = {"--output": str(tmp_path / "images"), flag: "s3://no-such-bucket/out/x"}
+    proc = _job("--input", str(shards), *[a for kv in paths.items() for a in kv], *flags)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{flag} 's3://no-such-bucket/out/x' is not writable" in lines[0], proc.stderr
+
+
+_OFFLINE = {  # nothing a job does may reach past this machine: no credential lookup, no instance metadata
+    "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "HTTP_PROXY": "", "HTTPS_PROXY": "", "http_proxy": "", "https_proxy": "", "NO_PROXY": "*", "no_proxy": "*",
+}
+
+
+@pytest.mark.parametrize("how", ["--s3_endpoint_url", "no endpoint flag: boto3's own endpoint"])
+def test_s3__an_unreachable_endpoint_is_one_line_naming_the_endpoint_flags_before_any_retry(tmp_path, how):
+    # Nothing listens on this loopback port. Without --s3_endpoint_url, the endpoint is boto3's own choice,
+    # pointed at the same port through AWS_ENDPOINT_URL_S3 (so that no packet leaves the machine).
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    env = dict(_OFFLINE)
+    if how == "--s3_endpoint_url":
+        flags = ["--s3_endpoint_url", endpoint]
+    else:
+        flags = []
+        env["AWS_ENDPOINT_URL_S3"] = endpoint
+        with pytest.MonkeyPatch.context() as mp:  # where this boto3 would go (older ones ignore the variable)
+            for k, v in env.items():
+                mp.setenv(k, v)
+            import boto3
+
+            resolved = boto3.session.Session().client("s3", region_name="us-east-1").meta.endpoint_url
+        if resolved != endpoint:
+            pytest.skip(f"boto3 ignores AWS_ENDPOINT_URL_S3 here: the job would go to {resolved}")
+    proc = _job("--input", "s3://some-bucket/shards/*.tar", "--output", str(tmp_path / "images"), *flags,
+                env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the S3 endpoint " + endpoint in lines[0], proc.stderr
+    assert "--s3_endpoint_url" in lines[0] and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 # --- GCS: the emulator -------------------------------------------------------------------------------------
 
 

@@ -160,6 +160,48 @@ def test_help_shows_each_job_only_the_flags_it_uses(capsys, run, absent):
         assert flag not in out, flag
 
 
+@pytest.mark.parametrize("run,required,ext", [
+    (tar_to_parquet.run, ("--input INPUT", "--output OUTPUT"), ".parquet"),
+    (tar_to_tfrecord.run, ("--input INPUT", "--output OUTPUT"), ".tfrecord"),
+    (summarize.run, ("--input INPUT",), None),
+])
+def test_help_shows_required_flags_as_required_and_each_job_its_own_texts(capsys, run, required, ext):
+    out = _help(run, capsys)
+    usage = " ".join(out.split("\n\n")[0].split())
+    for flag in required:
+        assert f" {flag} " in usage and f"[{flag}]" not in usage, usage
+    assert "required flags:" in out
+    text = " ".join(out.split())
+    if ext is not None:
+        other = ".tfrecord" if ext == ".parquet" else ".parquet"
+        assert f"00004{ext}" in text and other not in text
+    else:  # summarize writes no output: its --overwrite and --include_metadata say what they do there
+        assert "shards" not in text.split("--overwrite", 1)[1].split("--quiet")[0]
+        assert "--failures file of an earlier run" in text
+        assert "metadata column" not in text and "metadata failure" in text
+
+
+def test_the_flags_known_without_beam_are_exactly_beams_own():
+    # parse_args checks the Beam flags from Beam's source, without importing Beam; Beam's option classes must
+    # agree (this fails on a Beam upgrade that defines flags elsewhere).
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    from beam_tarimg import transforms
+    from pipelines import options
+
+    beam = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    seen = set()
+    for cls in PipelineOptions.__subclasses__():
+        if cls.__module__.startswith("apache_beam.") and cls not in seen:
+            seen.add(cls)
+            cls._add_argparse_args(beam)
+    ours = options.beam_flag_parser()
+    assert {o for a in ours._actions for o in a.option_strings} == {o for a in beam._actions for o in a.option_strings}
+    nargs0 = {o for a in beam._actions if a.nargs == 0 for o in a.option_strings}
+    assert nargs0 == {o for a in ours._actions if a.nargs == 0 for o in a.option_strings}
+    assert options.LOCAL_RUNNERS == transforms._LOCAL_RUNNERS
+
+
 def test_a_flag_of_another_job_is_a_usage_error(shards, tmp_path):
     from pipelines.options import UsageError
 
@@ -230,7 +272,7 @@ def test_demo_command_exits_0_and_prints_the_summary_and_rows(shards, tmp_path):
         ("bad choice", ["--output", "{tmp}/o", "--device", "tpu"], "--device"),
         ("bad Beam value", ["--output", "{tmp}/o", "--direct_num_workers", "two"], "--direct_num_workers"),
         ("unknown runner", ["--output", "{tmp}/o", "--runner", "NoSuchRunner"], "NoSuchRunner"),
-        ("missing output", [], "--output is required"),
+        ("missing output", [], "the following arguments are required: --output"),
         ("no match", ["--input", "{tmp}/nothing-*.tar", "--output", "{tmp}/o"], "no files match"),
         ("unwritable output", ["--output", "{tmp}/a_file/images"], "is not writable"),
         ("unwritable failures", ["--output", "{tmp}/o", "--failures", "{tmp}/a_file/f.jsonl"], "is not writable"),

@@ -191,8 +191,19 @@ def test_encode_jpeg_rejects_bad_options(kwargs):
 
 def test_cli_writes_dataset_and_prints_summary(tmp_path, capsys):
     out = tmp_path / "ds"
-    assert main(["--out", str(out), "--tars", "2", "--images-per-tar", "3", "--size", "64x48"]) == 0
+    assert main(["--out", str(out), "--tars", "2", "--images_per_tar", "3", "--size", "64x48"]) == 0
     line = capsys.readouterr().out.strip()
     assert "2 tars" in line and "6 images" in line and "MB" in line
     assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar"]
     assert len(_members(out / "00001.tar")) == 9
+
+
+def test_cli_flags_use_the_jobs_underscore_style_and_keep_the_old_hyphens_as_aliases(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "--images_per_tar" in usage and "--no_sidecars" in usage and "-per-" not in usage
+    assert main(["--out", str(tmp_path), "--tars", "1", "--images-per-tar", "2", "--no-sidecars",
+                 "--size", "16x16"]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert all(name.endswith(".jpg") for name, _ in _members(tmp_path / "00000.tar"))
