@@ -205,12 +205,9 @@ def parse_args(argv: Optional[Sequence[str]], prog: str, description: str,
         runner = runner_name(beam_args)
     else:
         runner = _parse_beam_flags(beam_parser, beam_args).runner
-    if runner is None:
-        runner = DEFAULT_RUNNER
-        beam_args = [*beam_args, f"--runner={DEFAULT_RUNNER}"]
-    if isinstance(runner, str) and runner.lower() in _FULL_RUNNER_NAMES:
-        runner = _FULL_RUNNER_NAMES[runner.lower()]
-        beam_args = [*beam_args, f"--runner={runner}"]  # the last --runner wins
+    runner = runner or DEFAULT_RUNNER
+    if runner.lower() in _FULL_RUNNER_NAMES:  # the name Beam gets; the summary keeps the user's
+        beam_args = [*beam_args, f"--runner={_FULL_RUNNER_NAMES[runner.lower()]}"]  # the last --runner wins
     args.runner = runner
     return args, beam_args
 
