@@ -366,11 +366,32 @@ def test_implausible__a_marker_like_corrupt_byte_early_in_the_scan_data_does_not
     assert implausible(corrupt) is None  # but not a limit failure
 
 
-def test_implausible__arithmetic_coded_frames_skip_the_bound():
+def test_implausible__arithmetic_coded_frames_are_held_to_one_bit_per_block_of_the_whole_file():
     bomb = _bomb(TINY_GRAY, 9400, 9400)
-    arithmetic = _set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC9)  # SOF9: arithmetic coding has no 1-bit floor
-    assert implausible(arithmetic) is None
-    assert implausible(_set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC1)) is not None  # extended Huffman: bound holds
+    arithmetic = _set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC9)  # SOF9: no 1-bit floor per DC, but per file
+    assert "less than 1 bit per 8x8 block" in implausible(arithmetic)
+    assert "cannot code" in implausible(_set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC1))  # extended Huffman
+    fits = _bomb(TINY_GRAY, 128, 128)  # 256 blocks: 32 bytes hold them
+    assert implausible(_set(fits, fits.index(b"\xff\xc0") + 1, 0xC9)) is None
+
+
+def test_implausible__a_progressive_file_with_no_dc_scan_is_held_to_one_bit_per_block():
+    # The issue's case: only AC scans (no DC scan first), claiming 9400x9400 in a few hundred bytes.
+    ac_only = _synthetic_progressive([((1,), 1, 63, 0, 0), ((2,), 1, 63, 0, 0), ((3,), 1, 63, 0, 0)])
+    header = parse_jpeg(_bomb(ac_only, 9400, 9400))
+    assert header.first_scan_units == 0 and "AC scan" in header.dali_rejects()  # Pillow's, not DALI's...
+    assert "less than 1 bit per 8x8 block" in header.implausible()  # ...but never decoded at all
+
+
+def test_implausible__pixels_times_scans_over_the_cost_bound_is_refused():
+    from beam_tarimg.jpeg import MAX_PIXEL_SCANS
+
+    script = [((1, 2, 3), 0, 0, 0, 0)] + [((c,), k, k, 0, 0) for c in (1, 2, 3) for k in range(1, 64)][:99]
+    side = int((MAX_PIXEL_SCANS / 100) ** 0.5)
+    jpeg = _synthetic_progressive(script, first_data=side * side // 64)  # 100 scans, a plausible first scan
+    assert "decode cost bound" in parse_jpeg(_bomb(jpeg, side + 8, side + 8)).implausible()
+    header = parse_jpeg(_bomb(jpeg, side - 8, side - 8))
+    assert header.scans == 100 and "decode cost" not in (header.implausible() or "")
 
 
 def test_implausible__more_scans_than_max_scans():
@@ -383,9 +404,10 @@ def test_implausible__more_scans_than_max_scans():
     assert dali_rejects(many) is not None  # repeated refinement scans break the progression too
 
 
-def _synthetic_progressive(script) -> bytes:
+def _synthetic_progressive(script, first_data: int = 16) -> bytes:
     """PROGRESSIVE's frame and tables (all its Huffman tables moved before the first scan), then one scan per
-    ``(component ids, Ss, Se, Ah, Al)`` of ``script``, each with 16 bytes of (meaningless) data."""
+    ``(component ids, Ss, Se, Ah, Al)`` of ``script``, each with 16 bytes of (meaningless) data (the first
+    with ``first_data``)."""
     first = _scans(PROGRESSIVE)[0][0]
     tables = b""
     i = PROGRESSIVE.find(b"\xff\xc4", first)
@@ -396,7 +418,7 @@ def _synthetic_progressive(script) -> bytes:
     for ids, ss, se, ah, al in script:
         tables = b"".join(bytes([c, 0x00 if c == 1 else 0x11]) for c in ids)
         body = bytes([len(ids)]) + tables + bytes([ss, se, ah << 4 | al])
-        out += b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + b"\x2a" * 16
+        out += b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + b"\x2a" * (16 if out.count(b"\xff\xda") else first_data)
     return out + b"\xff\xd9"
 
 
