@@ -50,6 +50,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bench import fuzz_pixels
 from bench import mutate as M
 from bench.measure import _TreeSampler, descendants, vm_hwm_kb
 
@@ -225,6 +226,7 @@ def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, u
                         violations.append(f"good image failed: {error}")
                     elif not np.array_equal(pixels, pillow_rgb(data)):
                         violations.append(f"good image decoded by {who} differs from Pillow's decode")
+                violations += fuzz_pixels.check(kind, data, outcome, pillow_rgb)
             out.write(json.dumps({"batch": b, "seconds": round(seconds, 3), "violations": violations,
                                   "decoded": decoded, "failed": failed, "crashes": crashes}) + "\n")
             out.flush()
