@@ -441,3 +441,70 @@ def test_jpeg_dimensions__report_the_claim_even_of_a_broken_file():
     assert jpeg_dimensions(BASE[: SOF + 7]) is None
     assert image_dimensions(BASE) == (64, 48)
     assert image_dimensions(BASE, parse_jpeg(BASE)) == (64, 48)  # the caller's walk, reused
+
+
+# -- orientation as Pillow reads it, the walk's bounds (issue 16) ---------------------------------------------
+
+
+def test_parse_jpeg__orientation_is_what_pillows_exif_transpose_reads_for_random_exif_and_xmp_segments():
+    import random
+    import warnings
+
+    from bench import fuzz_pixels as FP
+    from bench.mutate import base_jpegs
+
+    rng = random.Random(3)
+    bases = [b.data for b in base_jpegs(3, count=12)]
+    checked = 0
+    for _ in range(300):
+        _, blob = FP.orientation_segments(rng, rng.choice(bases))
+        header = parse_jpeg(blob)
+        if header.orientation is None:  # Pillow's EXIF reader raised on it: only a Pillow decode can tell
+            assert "EXIF" in header.dali_rejects()
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(blob)) as im:
+                pillows = im.getexif().get(0x0112, 1)
+        expected = pillows if pillows in range(2, 9) else 1
+        assert header.orientation == expected, blob[:200]
+        checked += 1
+    assert checked > 250
+
+
+def _with_restarts(width: int, height: int) -> bytes:
+    return _pillow_jpeg(_photo(4, width, height), quality=90, restart_marker_blocks=1)
+
+
+def test_parse_jpeg__restart_markers_are_checked_in_order_beyond_the_first_64_by_their_counts():
+    jpeg = _with_restarts(256, 256)  # 4:2:0: 256 MCUs, one restart interval each: 255 markers
+    header = parse_jpeg(jpeg)
+    assert header.problem is None
+    last = jpeg.rindex(b"\xff\xd7")  # swap two markers far beyond the first 64: RST7 <-> RST0
+    first = jpeg.index(b"\xff\xd0", last - 200)
+    swapped = bytearray(jpeg)
+    swapped[last + 1], swapped[first + 1] = 0xD0, 0xD7
+    assert dali_rejects(bytes(swapped)) is None  # a swap keeps the counts: only the first 64 are in order
+    dropped = jpeg[:last] + jpeg[last + 2 :]  # one marker gone: the counts tell
+    assert "out of order" in dali_rejects(dropped)
+
+
+def test_parse_jpeg__a_flood_of_restart_markers_is_walked_at_c_speed_and_refused_for_dali():
+    import time
+
+    jpeg = _with_restarts(64, 64)
+    cycle = bytes(b for k in range(8) for b in (0xFF, 0xD0 + k))
+    flood = jpeg[:-2] + cycle * (4 << 16) + jpeg[-2:]  # 4 MiB
+    start = time.process_time()
+    header = parse_jpeg(flood)
+    assert time.process_time() - start < 0.5  # ~0.02 s at ~200 MB/s; the per-marker walk took ~1 s
+    assert "more restart markers in scan 1 than its 16 MCUs" in header.problem
+    assert header.implausible() is None  # Pillow decodes it (the markers after the image are ignored)
+
+
+def test_implausible__more_markers_than_the_walk_reads_is_a_limit():
+    from beam_tarimg.jpeg import MAX_MARKERS
+
+    flood = BASE[:2] + b"\xff\xfe\x00\x03x" * MAX_MARKERS + BASE[2:]
+    assert implausible(flood) == f"more than {MAX_MARKERS} markers"
+    assert implausible(BASE[:2] + b"\xff\xfe\x00\x03x" * 100 + BASE[2:]) is None
