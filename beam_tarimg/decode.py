@@ -208,7 +208,8 @@ class ImageDecoder:
     ``crashes`` counts the decoder processes that died (or were killed for a timeout) during a run.
 
     With ``isolation="process"`` the returned pixels are views of a shared-memory buffer that holds the
-    whole run; with ``"none"``, views of DALI's output buffer of the run. Either way an image kept after its
+    whole run; with ``"none"``, views of DALI's output buffer of the run (an image turned for its EXIF
+    orientation: an array of its own). Either way an image kept after its
     batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
     """
 
