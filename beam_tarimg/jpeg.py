@@ -32,15 +32,22 @@ from typing import Dict, List, Optional, Tuple
 # Pillow's decompression-bomb threshold (PIL.Image.MAX_IMAGE_PIXELS): 1024 * 1024 * 1024 // 4 // 3.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-# The decode cost bound: an image whose pixels x scans exceed it is a ``limit`` failure (before any decode).
-# Each scan of a progressive (or multi-scan) JPEG is a pass over the image. Measured on one core (CPU time):
-# 9400x9400 x 22 scans (1.94e9) 2.8 s in DALI, 3.3 s in Pillow; 4000x4000 x 125 scans 2.4 s / 2.5 s. Real
-# progressive JPEGs (~10 scans) pass up to max_pixels.
-MAX_PIXEL_SCANS = 2_000_000_000
+# The decode cost bound (``decode_cost``): an image over it is a ``limit`` failure, never decoded. Each scan of
+# a progressive JPEG is a pass over the image (~1.2 ns per pixel-scan on one core here, DALI and Pillow alike),
+# and each byte of entropy-coded data costs 8-24 ns more (refinement scans of noise the most): 2e9 keeps the
+# worst image to ~3 s of CPU (README "Bounded resources" has the measurements). Real photographs stay far
+# below it: a 24 MP baseline JPEG of 15 MB costs 0.3e9, an 89 MP progressive one (10 scans) of 40 MB 1.7e9.
+MAX_DECODE_COST = 2_000_000_000
+BYTE_COST = 20  # pixel-scans per byte of the file
+
+
+def decode_cost(width: int, height: int, scans: int, size: int) -> int:
+    """The decode cost bound's measure of a JPEG: width x height x scans + ``BYTE_COST`` x its bytes."""
+    return width * height * max(scans, 1) + BYTE_COST * size
 # The most scans a JPEG may have before it is a ``limit`` failure. Encoders write 6-10 (libjpeg's default
 # progression), a few dozen at most (mozjpeg's scan optimisation); DALI refuses more than 256 (it raises, and
 # Pillow then decodes them). Each scan is a pass over the whole image: 256 scans of 9400x9400 took 8.5-19 s in
-# DALI, hence MAX_PIXEL_SCANS as well.
+# DALI, hence MAX_DECODE_COST as well.
 DEFAULT_MAX_SCANS = 256
 NOT_A_JPEG = "not a JPEG (no start-of-image marker)"  # dali_rejects of bytes with no JPEG header at all
 _DALI_MAX_SCANS = 256
@@ -154,11 +161,11 @@ class JpegHeader:
                     f"header claims {self.width}x{self.height}, but its {self.size} bytes are less than 1 bit per "
                     f"8x8 block ({blocks} blocks; arithmetic-coded or no DC scan first)"
                 )
-        cost = self.width * self.height * max(self.scans, 1)
-        if cost > MAX_PIXEL_SCANS:
+        cost = decode_cost(self.width, self.height, self.scans, self.size)
+        if cost > MAX_DECODE_COST:
             return (
-                f"{self.width}x{self.height} pixels x {self.scans} scans = {cost} is over the decode cost bound "
-                f"of {MAX_PIXEL_SCANS} pixel-scans"
+                f"{self.width}x{self.height} pixels x {self.scans} scans + {BYTE_COST} x {self.size} bytes = "
+                f"{cost} is over the decode cost bound of {MAX_DECODE_COST}"
             )
         return None
 
@@ -664,7 +671,7 @@ def implausible(data: bytes, max_scans: int = DEFAULT_MAX_SCANS) -> Optional[str
       blocks / 8. (Decoders fill missing data with gray: a 632-byte file claiming 9400x9400 decodes to 265 MB.)
       Arithmetic-coded frames, and a first scan of AC coefficients (end-of-band runs), have no such floor:
       they are held to 1 bit per 8x8 block (of the frame's size) over the whole file;
-    - width x height x scans over ``MAX_PIXEL_SCANS``, the decode cost bound.
+    - ``decode_cost`` (pixels x scans, plus the bytes) over ``MAX_DECODE_COST``, the decode cost bound.
 
     None for bytes that are not a JPEG with a frame header (the decoder reports those).
     """

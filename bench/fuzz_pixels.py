@@ -136,7 +136,7 @@ def many_scans(data: bytes, total: int) -> bytes:
 
 def cost_claim(rng: random.Random, data: bytes) -> Tuple[str, bytes]:
     from bench.mutate import NotApplicable
-    from beam_tarimg.jpeg import MAX_PIXEL_SCANS
+    from beam_tarimg.jpeg import MAX_DECODE_COST
 
     try:
         sof = data[_sof_at(data) + 1]
@@ -150,7 +150,7 @@ def cost_claim(rng: random.Random, data: bytes) -> Tuple[str, bytes]:
     if way == 1:
         return "cost_claim", claim(ac_only(data), 9400, 9400)
     scans = rng.randint(150, 256)
-    side = int((MAX_PIXEL_SCANS / scans) ** 0.5) + 64
+    side = int((MAX_DECODE_COST / scans) ** 0.5) + 64
     # Enough first-scan data for the claim (1 bit per block), so that only the cost bound refuses it.
     padded = data
     first = _scans(data)[0]

@@ -384,13 +384,13 @@ def test_implausible__a_progressive_file_with_no_dc_scan_is_held_to_one_bit_per_
 
 
 def test_implausible__pixels_times_scans_over_the_cost_bound_is_refused():
-    from beam_tarimg.jpeg import MAX_PIXEL_SCANS
+    from beam_tarimg.jpeg import MAX_DECODE_COST
 
     script = [((1, 2, 3), 0, 0, 0, 0)] + [((c,), k, k, 0, 0) for c in (1, 2, 3) for k in range(1, 64)][:99]
-    side = int((MAX_PIXEL_SCANS / 100) ** 0.5)
+    side = int((MAX_DECODE_COST / 100) ** 0.5)
     jpeg = _synthetic_progressive(script, first_data=side * side // 64)  # 100 scans, a plausible first scan
     assert "decode cost bound" in parse_jpeg(_bomb(jpeg, side + 8, side + 8)).implausible()
-    header = parse_jpeg(_bomb(jpeg, side - 8, side - 8))
+    header = parse_jpeg(_bomb(jpeg, side - 64, side - 64))
     assert header.scans == 100 and "decode cost" not in (header.implausible() or "")
 
 
