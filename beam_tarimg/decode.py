@@ -111,6 +111,56 @@ def dali_rejects(header: Optional[JpegHeader]) -> Optional[str]:
     return NOT_A_JPEG if header is None else header.dali_rejects()
 
 
+class Plan(NamedTuple):
+    """What the header walk says of one image, for ``DaliDecoder.decode``: ``reject``, a reason to keep it from
+    DALI (``jpeg.dali_rejects``; it goes to Pillow), or None; the frame's ``height`` and ``width`` (None:
+    unknown, unchecked), which DALI's output must have; the ``orientation`` to apply to it (``jpeg.
+    pillow_orientation``: what Pillow's ``ImageOps.exif_transpose`` applies). DALI's own orientation
+    handling is off: it follows the last of several EXIF segments where Pillow follows the first, ignores
+    XMP, and crashed on two EXIF segments with different orientations."""
+
+    reject: Optional[str]
+    height: Optional[int]
+    width: Optional[int]
+    orientation: int
+
+
+def plan_of(header: Optional[JpegHeader], checked: bool = True) -> Plan:
+    """The ``Plan`` for an image whose ``jpeg.parse_jpeg`` is ``header``. ``checked=False`` gives every image
+    to DALI (see ``ImageDecoder._check_before_dali``)."""
+    reason = dali_rejects(header) if checked else None
+    if reason is not None:
+        return Plan(reason, None, None, 1)
+    if header is None:
+        return Plan(None, None, None, 1)
+    return Plan(None, header.height, header.width, header.orientation or 1)
+
+
+# Orientation (EXIF 2..8) -> the move that Pillow's transposition makes, on an (H, W) array.
+_MOVES = {
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.T,  # TRANSPOSE
+    6: lambda a: a.T[:, ::-1],  # ROTATE_270 (90 degrees clockwise)
+    7: lambda a: a.T[::-1, ::-1],  # TRANSVERSE
+    8: lambda a: a.T[::-1],  # ROTATE_90 (counter-clockwise)
+}
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """``pixels`` (H, W, C) as Pillow's ``ImageOps.exif_transpose`` moves them for EXIF ``orientation``: the
+    same array for 1, else a new C-contiguous one (each pixel moved as one C-byte item: ~2x faster than
+    moving single bytes)."""
+    move = _MOVES.get(orientation)
+    if move is None:
+        return pixels
+    c = pixels.shape[2]
+    items = np.ascontiguousarray(pixels).view(np.dtype((np.void, c)))[..., 0]
+    moved = np.ascontiguousarray(move(items))
+    return moved.view(np.uint8).reshape(moved.shape + (c,))
+
+
 def plan_runs(sizes: Sequence[int], max_images: int, max_bytes: int) -> List[List[int]]:
     """Cuts ``range(len(sizes))`` into runs, in order, of at most ``max_images`` items and ``max_bytes`` bytes
     (``sizes`` are the items' decoded bytes); an item over ``max_bytes`` forms a run of its own."""
@@ -158,7 +208,8 @@ class ImageDecoder:
     ``crashes`` counts the decoder processes that died (or were killed for a timeout) during a run.
 
     With ``isolation="process"`` the returned pixels are views of a shared-memory buffer that holds the
-    whole run; with ``"none"``, views of DALI's output buffer of the run. Either way an image kept after its
+    whole run; with ``"none"``, views of DALI's output buffer of the run (an image turned for its EXIF
+    orientation: an array of its own). Either way an image kept after its
     batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
     """
 
@@ -244,7 +295,7 @@ class ImageDecoder:
             headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
         dims = [_claimed_dimensions(blob, header) for blob, header in zip(encoded, headers)]
         sizes = [0 if d is None else d[0] * d[1] * 3 for d in dims]
-        rejects = [dali_rejects(header) if self._check_before_dali else None for header in headers]
+        plans = [plan_of(header, self._check_before_dali) for header in headers]
         refused = {}
         for i, (header, d) in enumerate(zip(headers, dims)):
             reason = over_limits(header, d, self.max_pixels)  # the read stage's limits (jpeg.over_limits)
@@ -262,19 +313,19 @@ class ImageDecoder:
                 run = [keep[p] for p in run]
             with self._lock:
                 if self._process is None:
-                    run_outcomes = self._local.decode([encoded[i] for i in run], [rejects[i] for i in run])
+                    run_outcomes = self._local.decode([encoded[i] for i in run], [plans[i] for i in run])
                 else:
                     run_outcomes = [None] * len(run)
-                    self._decode_contained(encoded, rejects, run, list(range(len(run))), run_outcomes)
+                    self._decode_contained(encoded, plans, run, list(range(len(run))), run_outcomes)
             yield run, run_outcomes
 
-    def _decode_contained(self, encoded, rejects, run: List[int], positions: List[int], outcomes) -> None:
+    def _decode_contained(self, encoded, plans, run: List[int], positions: List[int], outcomes) -> None:
         """Decodes ``run[p] for p in positions`` in the decoder process, into ``outcomes[p]``; when the process
         dies, decodes the halves again (each in a new process) until the culprit stands alone."""
         from beam_tarimg.decoder_process import DecoderCrashed
 
         try:
-            results = self._process.decode([encoded[run[p]] for p in positions], [rejects[run[p]] for p in positions])
+            results = self._process.decode([encoded[run[p]] for p in positions], [plans[run[p]] for p in positions])
         except DecoderCrashed as crash:
             self.crashes += 1
             _LOG.warning("beam_tarimg: %s during a run of %d images; decoding them again in a new process",
@@ -283,8 +334,8 @@ class ImageDecoder:
                 outcomes[positions[0]] = DecodeOutcome(None, None, str(crash))
                 return
             half = len(positions) // 2
-            self._decode_contained(encoded, rejects, run, positions[:half], outcomes)
-            self._decode_contained(encoded, rejects, run, positions[half:], outcomes)
+            self._decode_contained(encoded, plans, run, positions[:half], outcomes)
+            self._decode_contained(encoded, plans, run, positions[half:], outcomes)
             return
         for p, outcome in zip(positions, results):
             outcomes[p] = outcome
@@ -373,9 +424,10 @@ class DaliDecoder:
                     # nvJPEG upsamples 4:2:0/4:2:2 chroma by repeating samples unless told otherwise;
                     # libjpeg-turbo (DALI's CPU decoder, Pillow) interpolates: make both paths do the latter.
                     jpeg_fancy_upsampling=True,
+                    adjust_orientation=False,  # the stored frame: orient() applies Pillow's orientation
                 )
             else:
-                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
             pipe.set_outputs(images)
         pipe.build()
         self.builds += 1
@@ -385,24 +437,32 @@ class DaliDecoder:
         self._pipe = None  # let DALI free what the broken pipeline held before building the next
         self._pipe = self._build()
 
-    def decode(self, encoded: Sequence[bytes], rejects: Optional[Sequence[Optional[str]]] = None) -> List[DecodeOutcome]:
+    def decode(self, encoded: Sequence[bytes], plans: Optional[Sequence[Optional[Plan]]] = None) -> List[DecodeOutcome]:
         """One outcome per input, in input order. Never raises for bad image bytes.
 
-        ``rejects``: ``dali_rejects`` of each input, when the caller has them (``ImageDecoder`` computes them
-        once, with the sizes it plans runs by); None to check here."""
+        ``plans``: the ``Plan`` of each input, when the caller has them (``ImageDecoder`` makes them once, with
+        the sizes it plans runs by); None to walk the headers here. A plan of None gives the image to DALI
+        unchecked and unoriented (tests of the crash containment).
+
+        Each image DALI decodes must have the frame size its plan says (DALI decodes the stored frame, its own
+        orientation handling off); one that has not is given to Pillow like one DALI rejects, never cropped or
+        padded. Then ``orient`` applies the plan's orientation."""
         outcomes: List[Optional[DecodeOutcome]] = [None] * len(encoded)
-        if rejects is None:
-            rejects = [dali_rejects(parse_jpeg(blob)) for blob in encoded]
+        if plans is None:
+            plans = [plan_of(parse_jpeg(blob)) for blob in encoded]
         for_dali = []
-        for i, reason in enumerate(rejects):
-            if reason is None:
+        for i, plan in enumerate(plans):
+            if plan is None or plan[0] is None:
                 for_dali.append(i)
             else:  # never fed to DALI, which can crash on such bytes (see jpeg.dali_rejects): Pillow's
-                outcomes[i] = DecodeOutcome(None, None, f"not for DALI: {reason}")
+                outcomes[i] = DecodeOutcome(None, None, f"not for DALI: {plan[0]}")
         with self._lock:
             arrays = {i: np.frombuffer(encoded[i], dtype=np.uint8) for i in for_dali}
             for start in range(0, len(for_dali), self.max_batch_size):
                 self._decode_isolating(arrays, for_dali[start : start + self.max_batch_size], outcomes)
+        for i in for_dali:
+            if outcomes[i].pixels is not None and plans[i] is not None:
+                outcomes[i] = _as_planned(outcomes[i], *plans[i][1:])
         if self.fallback:
             for i, outcome in enumerate(outcomes):
                 if outcome.pixels is None and len(encoded[i]):
@@ -443,6 +503,18 @@ class DaliDecoder:
             # test_decoder__outputs_of_earlier_runs_survive_later_runs guards this.
             return [np.asarray(out[i]) for i in range(len(out))]
         return [out.at(i) for i in range(len(out))]  # other executors reuse their buffers on the next run
+
+
+def _as_planned(outcome: DecodeOutcome, height: Optional[int], width: Optional[int], orientation: int) -> DecodeOutcome:
+    """DALI's ``outcome`` checked against the frame size the header gave (an error outcome, for Pillow, when it
+    differs) and oriented as Pillow's ``exif_transpose`` would."""
+    pixels = outcome.pixels
+    if height is not None and pixels.shape[:2] != (height, width):
+        return DecodeOutcome(
+            None, None,
+            f"DALI returned {pixels.shape[0]}x{pixels.shape[1]} (HxW) pixels where the header says {height}x{width}",
+        )
+    return outcome if orientation == 1 else DecodeOutcome(orient(pixels, orientation), outcome.decoder, None)
 
 
 def _release_pipeline(ref: "weakref.ref[DaliDecoder]") -> None:

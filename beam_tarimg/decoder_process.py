@@ -10,11 +10,14 @@ Protocol, over a Unix socket pair (length-prefixed pickles; only small metadata 
 in them, never pixels):
 
 1. parent -> child: the ``DaliDecoder`` arguments; child -> parent: ``("ready", builds)`` or ``("error", text)``.
-2. parent -> child: ``("decode", [bytes, ...], [dali_rejects reason or None, ...], [slot ids to unmap])``; the
-   child decodes them with the same ``DaliDecoder.decode`` that runs in-process and answers ``("decoded", [(shape|None, decoder, error)], builds)``.
+2. parent -> child: ``("decode", [bytes, ...], [decode.Plan as a tuple, or None, ...], [slot ids to unmap])``;
+   the child decodes them with the same ``DaliDecoder.decode`` that runs in-process (which checks each DALI
+   image against its plan's frame size and orients it) and answers ``("decoded", [(shape|None, decoder,
+   error)], builds)``.
 3. If any pixels came out, parent -> child: ``("write", slot id, slot size, is_new)`` (a new slot's memfd follows
    as SCM_RIGHTS ancillary data); the child copies the pixels, one after the other, into that shared-memory
-   slot and answers ``("written",)``. This copy is the only one: the parent hands out views of the slot.
+   slot, each into a region of exactly the shape it announced, and answers ``("written",)``. This copy is the
+   only one for upright images: the parent hands out views of the slot.
 
 A slot (a ``memfd``, so no /dev/shm size limit applies and nothing leaks if either side dies) is reused once no
 view of its last run is alive (a weak reference to the run's base array tells); free slots beyond
@@ -259,8 +262,8 @@ class DecoderProcess:
 
     # -- runs ---------------------------------------------------------------------------------------------------
 
-    def decode(self, encoded: Sequence[bytes], rejects: Sequence[Optional[str]]) -> List[DecodeOutcome]:
-        """Decodes one run (``rejects``: ``DaliDecoder.decode``'s) in the decoder process.
+    def decode(self, encoded: Sequence[bytes], plans: Sequence[Optional[tuple]]) -> List[DecodeOutcome]:
+        """Decodes one run (``plans``: ``DaliDecoder.decode``'s) in the decoder process.
 
         Raises ``DecoderCrashed`` when the process dies, times out or breaks the protocol during the run, and
         RuntimeError when no new decoder process can be started (twice in a row) after a crash."""
@@ -276,7 +279,8 @@ class DecoderProcess:
         slot = None
         try:
             unmap, self._unmap = self._unmap, []
-            _send(sock, ("decode", [bytes(b) for b in encoded], list(rejects), unmap), deadline)
+            plans = [None if p is None else tuple(p) for p in plans]
+            _send(sock, ("decode", [bytes(b) for b in encoded], plans, unmap), deadline)
             self._mapped.difference_update(unmap)
             reply = _recv(sock, deadline, _MAX_REPLY)
             if reply[0] != "decoded":
@@ -438,14 +442,14 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
             return
         if message[0] == "close":
             return
-        _, encoded, rejects, unmap = message
+        _, encoded, plans, unmap = message
         for slot_id in unmap:
             mm = maps.pop(slot_id, None)
             if mm is not None:
                 mm.close()
         if crash_request is not None and any(crash_request[1] in blob for blob in encoded):
             os.kill(os.getpid(), crash_request[0])
-        outcomes = decoder.decode(encoded, rejects)
+        outcomes = decoder.decode(encoded, plans)
         meta = [
             (None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None)
             for o in outcomes

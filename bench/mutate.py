@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from beam_tarimg.sample import encode_jpeg, photo_like_image
+from bench import fuzz_pixels as _fuzz_pixels
 
 # ----------------------------------------------------------------------------------------------- JPEG parts
 
@@ -626,10 +627,11 @@ JPEG_MUTATORS: Tuple[Tuple[Callable, float], ...] = (
     (progressive_repeat_scan, 1.5), (progressive_scan_fields, 4), (progressive_drop_scan, 2),
     (progressive_reorder_scans, 2),
     (stacked, 8),
-)
+) + _fuzz_pixels.GENERATORS  # issue 16: EXIF/XMP orientation, decode cost claims, restart and marker floods
 STACKABLE = tuple(
     fn for fn, _ in JPEG_MUTATORS
-    if fn not in (stacked, sof_huge_claim, progressive_repeat_scan, header_truncate)
+    if fn not in (stacked, sof_huge_claim, progressive_repeat_scan, header_truncate, _fuzz_pixels.cost_claim,
+                  _fuzz_pixels.restart_flood, _fuzz_pixels.marker_flood)
 )
 JPEG_KINDS = tuple(fn.__name__ for fn, _ in JPEG_MUTATORS)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from beam_tarimg.decode import DaliDecoder, ImageDecoder, resolve_device
+from bench import fuzz_pixels as FP
 from beam_tarimg.jpeg import has_complete_header, image_dimensions, jpeg_dimensions
 from beam_tarimg.sample import imagenet_like_jpeg
 from conftest import make_jpeg, pillow_rgb
@@ -178,3 +179,79 @@ def test_decoder__a_broken_pipeline_is_freed_before_the_next_is_built():
     assert [o.pixels is None for o in outcomes].count(True) == 1
     assert decoder.builds > 2  # the halving rebuilt several times
     assert max(alive_at_build) == 0, alive_at_build
+
+
+# -- orientation and the planned shape (issue 16) -------------------------------------------------------------
+
+
+def _oriented_cases():
+    base = make_jpeg(21, 40, 24)  # 40 wide, 24 high: a transposition shows in the shape
+    exif, xmp, put = FP.exif_segment, FP.xmp_segment, FP.with_segments
+    cases = {f"EXIF {k}": put(base, exif(k)) for k in range(1, 9)}
+    cases.update({
+        # Pillow reads the first of several EXIF segments (it joins them); DALI read the last, or crashed.
+        "EXIF 6 then EXIF 3": put(base, exif(6), exif(3)),
+        "EXIF 3 then EXIF 6": put(base, exif(3), exif(6)),
+        "EXIF 8, big-endian, LONG, after other tags": put(base, exif(8, big_endian=True, typ=4, extra=3)),
+        "XMP attribute 6": put(base, xmp(6, "attribute")),
+        "XMP element 8": put(base, xmp(8, "element")),
+        "XMP 5 then XMP 7 (the last counts)": put(base, xmp(5), xmp(7, "element")),
+        "EXIF 1 wins over XMP 6": put(base, exif(1), xmp(6)),
+        "EXIF without the tag, XMP 6": put(base, exif(None), xmp(6)),
+        "EXIF orientation 9 (none)": put(base, exif(9)),
+        "broken EXIF, XMP 6": put(base, FP.app1(b"Exif\0\0XX*\0\x08\0\0\0"), xmp(6)),
+    })
+    return cases
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_decoder__orientation_is_pillows_exif_transpose_for_several_exif_segments_and_xmp(isolation):
+    cases = _oriented_cases()
+    decoder = ImageDecoder(max_batch_size=32, num_threads=2, device="cpu", isolation=isolation)
+    outcomes = decoder.decode(list(cases.values()))
+    for (name, blob), outcome in zip(cases.items(), outcomes):
+        expected = pillow_rgb(blob)
+        assert outcome.pixels is not None, (name, outcome.error)
+        assert outcome.pixels.shape == expected.shape and np.array_equal(outcome.pixels, expected), name
+        # All but the broken EXIF (which only Pillow can read as Pillow does) are DALI's.
+        assert outcome.decoder == ("pillow" if name.startswith("broken") else "cpu"), (name, outcome)
+    # With its own orientation handling on, DALI 2.4 segfaulted (3 of 3) on "EXIF 6 then EXIF 3".
+    assert decoder.crashes == 0
+    decoder.close()
+
+
+def test_decoder__a_dali_image_whose_size_is_not_the_planned_one_is_decoded_by_pillow_never_cropped():
+    from beam_tarimg.decode import Plan
+
+    blob = make_jpeg(22, 40, 24)
+    decoder = DaliDecoder(max_batch_size=4, num_threads=1, device="cpu")
+    # A plan that disagrees with what DALI returns (as a header parse and DALI disagreeing would).
+    (outcome,) = decoder.decode([blob], [Plan(None, 40, 24, 1)])
+    assert outcome.decoder == "pillow" and np.array_equal(outcome.pixels, pillow_rgb(blob))
+    (fails,) = DaliDecoder(max_batch_size=4, num_threads=1, device="cpu", fallback=False).decode(
+        [blob], [Plan(None, 40, 24, 1)])
+    assert fails.pixels is None and fails.error == (
+        "DALI returned 24x40 (HxW) pixels where the header says 40x24")
+
+
+def test_decoder__the_fuzz_generators_of_issue_16_decode_as_pillow_or_fail_as_limits():
+    import random
+
+    from bench import fuzz, mutate
+
+    rng = random.Random(16)
+    bases = [b.data for b in mutate.base_jpegs(16, count=12)]
+    items = []
+    for generator, _ in FP.GENERATORS:
+        for base in {FP.orientation_segments: bases * 3, FP.cost_claim: bases}.get(generator, bases[:3]):
+            try:
+                items.append(generator(rng, base))
+            except mutate.NotApplicable:
+                pass
+    decoder = ImageDecoder(max_batch_size=32, num_threads=2, device="cpu")
+    outcomes = decoder.decode([data for _, data in items])
+    violations = [v for (kind, data), o in zip(items, outcomes) for v in FP.check(kind, data, o, fuzz.pillow_rgb)]
+    assert violations == []
+    kinds = {kind for kind, _ in items}
+    assert kinds == {"orientation_segments", "cost_claim", "restart_flood", "marker_flood"}
+    decoder.close()

@@ -366,11 +366,32 @@ def test_implausible__a_marker_like_corrupt_byte_early_in_the_scan_data_does_not
     assert implausible(corrupt) is None  # but not a limit failure
 
 
-def test_implausible__arithmetic_coded_frames_skip_the_bound():
+def test_implausible__arithmetic_coded_frames_are_held_to_one_bit_per_block_of_the_whole_file():
     bomb = _bomb(TINY_GRAY, 9400, 9400)
-    arithmetic = _set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC9)  # SOF9: arithmetic coding has no 1-bit floor
-    assert implausible(arithmetic) is None
-    assert implausible(_set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC1)) is not None  # extended Huffman: bound holds
+    arithmetic = _set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC9)  # SOF9: no 1-bit floor per DC, but per file
+    assert "less than 1 bit per 8x8 block" in implausible(arithmetic)
+    assert "cannot code" in implausible(_set(bomb, bomb.index(b"\xff\xc0") + 1, 0xC1))  # extended Huffman
+    fits = _bomb(TINY_GRAY, 128, 128)  # 256 blocks: 32 bytes hold them
+    assert implausible(_set(fits, fits.index(b"\xff\xc0") + 1, 0xC9)) is None
+
+
+def test_implausible__a_progressive_file_with_no_dc_scan_is_held_to_one_bit_per_block():
+    # The issue's case: only AC scans (no DC scan first), claiming 9400x9400 in a few hundred bytes.
+    ac_only = _synthetic_progressive([((1,), 1, 63, 0, 0), ((2,), 1, 63, 0, 0), ((3,), 1, 63, 0, 0)])
+    header = parse_jpeg(_bomb(ac_only, 9400, 9400))
+    assert header.first_scan_units == 0 and "AC scan" in header.dali_rejects()  # Pillow's, not DALI's...
+    assert "less than 1 bit per 8x8 block" in header.implausible()  # ...but never decoded at all
+
+
+def test_implausible__pixels_times_scans_over_the_cost_bound_is_refused():
+    from beam_tarimg.jpeg import MAX_DECODE_COST
+
+    script = [((1, 2, 3), 0, 0, 0, 0)] + [((c,), k, k, 0, 0) for c in (1, 2, 3) for k in range(1, 64)][:99]
+    side = int((MAX_DECODE_COST / 100) ** 0.5)
+    jpeg = _synthetic_progressive(script, first_data=side * side // 64)  # 100 scans, a plausible first scan
+    assert "decode cost bound" in parse_jpeg(_bomb(jpeg, side + 8, side + 8)).implausible()
+    header = parse_jpeg(_bomb(jpeg, side - 64, side - 64))
+    assert header.scans == 100 and "decode cost" not in (header.implausible() or "")
 
 
 def test_implausible__more_scans_than_max_scans():
@@ -383,9 +404,10 @@ def test_implausible__more_scans_than_max_scans():
     assert dali_rejects(many) is not None  # repeated refinement scans break the progression too
 
 
-def _synthetic_progressive(script) -> bytes:
+def _synthetic_progressive(script, first_data: int = 16) -> bytes:
     """PROGRESSIVE's frame and tables (all its Huffman tables moved before the first scan), then one scan per
-    ``(component ids, Ss, Se, Ah, Al)`` of ``script``, each with 16 bytes of (meaningless) data."""
+    ``(component ids, Ss, Se, Ah, Al)`` of ``script``, each with 16 bytes of (meaningless) data (the first
+    with ``first_data``)."""
     first = _scans(PROGRESSIVE)[0][0]
     tables = b""
     i = PROGRESSIVE.find(b"\xff\xc4", first)
@@ -396,7 +418,7 @@ def _synthetic_progressive(script) -> bytes:
     for ids, ss, se, ah, al in script:
         tables = b"".join(bytes([c, 0x00 if c == 1 else 0x11]) for c in ids)
         body = bytes([len(ids)]) + tables + bytes([ss, se, ah << 4 | al])
-        out += b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + b"\x2a" * 16
+        out += b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + b"\x2a" * (16 if out.count(b"\xff\xda") else first_data)
     return out + b"\xff\xd9"
 
 
@@ -419,3 +441,70 @@ def test_jpeg_dimensions__report_the_claim_even_of_a_broken_file():
     assert jpeg_dimensions(BASE[: SOF + 7]) is None
     assert image_dimensions(BASE) == (64, 48)
     assert image_dimensions(BASE, parse_jpeg(BASE)) == (64, 48)  # the caller's walk, reused
+
+
+# -- orientation as Pillow reads it, the walk's bounds (issue 16) ---------------------------------------------
+
+
+def test_parse_jpeg__orientation_is_what_pillows_exif_transpose_reads_for_random_exif_and_xmp_segments():
+    import random
+    import warnings
+
+    from bench import fuzz_pixels as FP
+    from bench.mutate import base_jpegs
+
+    rng = random.Random(3)
+    bases = [b.data for b in base_jpegs(3, count=12)]
+    checked = 0
+    for _ in range(300):
+        _, blob = FP.orientation_segments(rng, rng.choice(bases))
+        header = parse_jpeg(blob)
+        if header.orientation is None:  # Pillow's EXIF reader raised on it: only a Pillow decode can tell
+            assert "EXIF" in header.dali_rejects()
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(blob)) as im:
+                pillows = im.getexif().get(0x0112, 1)
+        expected = pillows if pillows in range(2, 9) else 1
+        assert header.orientation == expected, blob[:200]
+        checked += 1
+    assert checked > 250
+
+
+def _with_restarts(width: int, height: int) -> bytes:
+    return _pillow_jpeg(_photo(4, width, height), quality=90, restart_marker_blocks=1)
+
+
+def test_parse_jpeg__restart_markers_are_checked_in_order_beyond_the_first_64_by_their_counts():
+    jpeg = _with_restarts(256, 256)  # 4:2:0: 256 MCUs, one restart interval each: 255 markers
+    header = parse_jpeg(jpeg)
+    assert header.problem is None
+    last = jpeg.rindex(b"\xff\xd7")  # swap two markers far beyond the first 64: RST7 <-> RST0
+    first = jpeg.index(b"\xff\xd0", last - 200)
+    swapped = bytearray(jpeg)
+    swapped[last + 1], swapped[first + 1] = 0xD0, 0xD7
+    assert dali_rejects(bytes(swapped)) is None  # a swap keeps the counts: only the first 64 are in order
+    dropped = jpeg[:last] + jpeg[last + 2 :]  # one marker gone: the counts tell
+    assert "out of order" in dali_rejects(dropped)
+
+
+def test_parse_jpeg__a_flood_of_restart_markers_is_walked_at_c_speed_and_refused_for_dali():
+    import time
+
+    jpeg = _with_restarts(64, 64)
+    cycle = bytes(b for k in range(8) for b in (0xFF, 0xD0 + k))
+    flood = jpeg[:-2] + cycle * (4 << 16) + jpeg[-2:]  # 4 MiB
+    start = time.process_time()
+    header = parse_jpeg(flood)
+    assert time.process_time() - start < 0.5  # ~0.02 s at ~200 MB/s; the per-marker walk took ~1 s
+    assert "more restart markers in scan 1 than its 16 MCUs" in header.problem
+    assert header.implausible() is None  # Pillow decodes it (the markers after the image are ignored)
+
+
+def test_implausible__more_markers_than_the_walk_reads_is_a_limit():
+    from beam_tarimg.jpeg import MAX_MARKERS
+
+    flood = BASE[:2] + b"\xff\xfe\x00\x03x" * MAX_MARKERS + BASE[2:]
+    assert implausible(flood) == f"more than {MAX_MARKERS} markers"
+    assert implausible(BASE[:2] + b"\xff\xfe\x00\x03x" * 100 + BASE[2:]) is None
