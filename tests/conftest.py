@@ -21,6 +21,17 @@ from beam_tarimg.sample import encode_jpeg, photo_like_image
 Member = Union[Tuple[str, bytes], tarfile.TarInfo]
 
 
+def _register_fn_api_runner_short_name() -> None:
+    """The tests name the FnApiRunner by its short name, which Beam knows only from 2.6x on; on an older Beam
+    (the engines' 2.62.0, `make engines`) register it, as the jobs do with the full name (pipelines.options)."""
+    from apache_beam.runners import runner
+
+    runner._RUNNER_MAP.setdefault("fnapirunner", "apache_beam.runners.portability.fn_api_runner.FnApiRunner")
+
+
+_register_fn_api_runner_short_name()
+
+
 def make_jpeg(seed: int, width: int = 48, height: int = 40, **kwargs) -> bytes:
     """A small photo-like JPEG, deterministic per seed."""
     return encode_jpeg(photo_like_image(np.random.default_rng(seed), width, height), **kwargs)
