@@ -312,15 +312,17 @@ def run_client(argv: Sequence[str], log_dir: Path, env: Dict[str, str], name: st
         client.stop()
 
 
-def processes_running(module: str, token: str) -> List[int]:
-    """Live processes running ``python -m MODULE`` whose environment holds ``token`` (this test's processes)."""
+def processes_running(word: str, token: str) -> List[int]:
+    """Live processes whose command line holds ``word`` (an argument, or part of one: the decoder process runs
+    ``python -I -c <a bootstrap naming beam_tarimg.decoder_process>``) and whose environment holds ``token``
+    (this test's processes)."""
     found = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         pid = int(cmdline.split("/")[2])
         try:
             with open(cmdline, "rb") as f:
                 args = f.read().split(b"\0")
-            if module.encode() not in args:
+            if not any(word.encode() in arg for arg in args):
                 continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if token.encode() not in f.read():

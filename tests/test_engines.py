@@ -350,4 +350,4 @@ def test_runner_started_job_server__tar_to_parquet_from_the_jar_writes_what_the_
     assert _failure_lines(out) == reference["parquet_failures"]
     assert _left_over(out) == []
     assert E.wait_until_gone(E.DECODER_PROCESS_MODULE, token) == []
-    assert E.processes_running("-jar", token) == [], "the job server Beam started outlived the job"
+    assert E.wait_until_gone("-job-server-", token) == [], "the job server Beam started outlived the job"
