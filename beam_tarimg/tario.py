@@ -676,6 +676,7 @@ class _TarReader:
             self.tf = tarfile.open(fileobj=self.reader, mode="r|", tarinfo=_GuardedTarInfo, encoding="utf-8",
                                    errors="surrogateescape")
         except _READ_ERRORS as e:
+            self.cut = True
             self.count("tars_corrupt", 1)
             error = str(e) if isinstance(e, _OWN_ERRORS) else f"{type(e).__name__}: {e}"
             yield ImageFailure(self.tar_path, None, FailureStage.READ, f"not a readable tar: {error}")
