@@ -1,8 +1,10 @@
 """Streaming webdataset-style tar shards into batches of encoded JPEGs.
 
 Beam-free: ``read_tar`` takes any readable file object. Tars are read front to back in tarfile's stream
-mode (``r|*``); members are read as bytes, never extracted; only JPEG members (and, when asked, their
-sidecars) are read into memory at all, and at most one batch of them at a time.
+mode (``r|``), after our own decompression of gzip, bzip2, xz and zstd tars (``open_decompressed``: every
+member of a multi-member file, within a limit on the decompressed bytes); members are read as bytes, never
+extracted; only JPEG members (and, when asked, their sidecars) are read into memory at all, and at most one
+batch of them at a time.
 
 Hostile headers cost only their tar. Left alone, tarfile's stream mode loops for ever skipping the data of a
 member whose size runs past the end of the data, reads a PAX or GNU long-name header of any claimed size into
@@ -63,8 +65,8 @@ _MAX_READ = 1 << 20  # decompressed bytes handed out per read at most
 
 CountFn = Callable[[str, int], None]
 
-# What reading a damaged tar can raise: tarfile's own errors, and those of the decompressors that Beam's
-# FileSystems (CompressionTypes.AUTO) or tarfile put in front of a .gz/.bz2/.xz/.zst tar.
+# What reading a damaged tar can raise: tarfile's own errors, and those of the decompressors (ours, or one a
+# caller put in front of the tar, such as Beam's FileSystems with CompressionTypes.AUTO).
 _READ_ERRORS: Tuple[type, ...] = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
 try:
     import zstandard
@@ -722,8 +724,7 @@ class _TarReader:
         name = escape_member_name(info.name)
         key, ext = split_member_name(name)
         is_image = ext in lim.extensions
-        is_sidecar = lim.include_metadata and ext in ("json", "txt")
-        if not (is_image or is_sidecar):
+        if not (is_image or (lim.include_metadata and ext in ("json", "txt"))):
             self.count("members_skipped", 1)
             return True
         reason = _not_a_file(info, self.jpegs_read)
@@ -733,16 +734,8 @@ class _TarReader:
             else:
                 self.count("members_skipped", 1)
             return True
-        pending = self.pending
-        if lim.include_metadata and (pending is None or pending.key != key or len(pending.images) >= lim.batch_size
-                                     or pending.nbytes >= lim.max_batch_bytes):
-            # A new key; or many JPEGs under one key (a hostile tar), handed on in batches so that memory
-            # stays bounded, each keeping the sidecars met so far.
-            carried = pending.metadata if pending is not None and pending.key == key else {}
-            if pending is not None:
-                yield from self._flush_sample(pending)
-            self.pending = _Sample(key)
-            self.pending.metadata = dict(carried)
+        if lim.include_metadata:
+            yield from self._group(key)
         if is_image:
             self.jpegs_read.add(posixpath.normpath(name))
         if info.size > lim.max_member_bytes:
@@ -755,6 +748,23 @@ class _TarReader:
             else:
                 self.count("members_skipped", 1)
             return True
+        return (yield from self._read_member(info, name, key, ext, is_image))
+
+    def _group(self, key: str) -> Iterator[Union[EncodedBatch, ImageFailure]]:
+        """With metadata: a member of a new key (or the next of many JPEGs under one key) starts a new sample."""
+        pending, lim = self.pending, self.limits
+        if (pending is None or pending.key != key or len(pending.images) >= lim.batch_size
+                or pending.nbytes >= lim.max_batch_bytes):
+            # Many JPEGs under one key (a hostile tar) are handed on in batches so that memory stays bounded,
+            # each keeping the sidecars met so far.
+            carried = pending.metadata if pending is not None and pending.key == key else {}
+            if pending is not None:
+                yield from self._flush_sample(pending)
+            self.pending = _Sample(key)
+            self.pending.metadata = dict(carried)
+
+    def _read_member(self, info, name: str, key: str, ext: str, is_image: bool):
+        """Reads a JPEG or sidecar member into its sample; returns False when reading ended the tar."""
         try:
             data = self.tf.extractfile(info).read()
         except _READ_ERRORS as e:
@@ -766,7 +776,7 @@ class _TarReader:
         if not is_image:
             self.pending.sidecars += 1
             _parse_sidecar(self.pending, name, ext, data)
-        elif lim.include_metadata:
+        elif self.limits.include_metadata:
             self.pending.images.append((name, data))
             self.pending.nbytes += len(data)
         else:
