@@ -213,3 +213,53 @@ def test_read_images_from_tars__every_hostile_input_accounted_for_on_the_fnapi_r
     assert by_stage == {FailureStage.OPEN: len(entries), FailureStage.READ: 4}  # 3 bombs + cat-gzip
     assert result.counters["tars_failed"] == len(entries)
     assert seconds < 120
+
+
+# ------------------------------------------------------------------------------------------- object stores
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A bucket on moto's S3 server on 127.0.0.1, for Beam's s3:// in this process (``FileSystems.set_options``)."""
+    import socket
+
+    import boto3
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    before = FileSystems._pipeline_options
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        client.create_bucket(Bucket="inputs")
+        FileSystems.set_options(PipelineOptions(["--s3_endpoint_url", endpoint, "--s3_access_key_id", "testing",
+                                                 "--s3_secret_access_key", "testing",
+                                                 "--s3_region_name", "us-east-1"]))
+        yield client
+    finally:
+        FileSystems.set_options(before)
+        server.stop()
+
+
+def test_object_store__glob_character_names_are_matched_and_a_folder_marker_is_an_open_failure(s3_bucket):
+    names = list(F.GLOB_NAMES) + ["gzip2.tar"]
+    for name in names:
+        s3_bucket.put_object(Bucket="inputs", Key=f"d/{name}",
+                             Body=F.gzip_members(TAR, 2) if name == "gzip2.tar" else TAR)
+    s3_bucket.put_object(Bucket="inputs", Key="d/folder.tar/", Body=b"")  # what consoles write for a "folder"
+    s3_bucket.put_object(Bucket="inputs", Key="d/sub/deeper.tar", Body=TAR)
+    matched = [m.path for m in match_tars(tar_pattern("s3://inputs/d/"))]
+    assert matched == sorted(f"s3://inputs/d/{n}" for n in names)
+    for path in matched:
+        with open_tar(path) as f:
+            assert tarfile_names(f.read()) == NAMES
+    assert [m.path for m in match_tars("s3://inputs/d/**/")] == ["s3://inputs/d/folder.tar/"]
+    with pytest.raises(NotARegularFile, match="folder marker"):
+        open_tar("s3://inputs/d/folder.tar/")
