@@ -134,7 +134,7 @@ def _not_regular(mode: int) -> Optional[str]:
                        (stat.S_ISBLK, "a block device")):
         if test(mode):
             return what
-    return None if stat.S_ISREG(mode) else f"not a regular file (mode {mode:o})"
+    return None if stat.S_ISREG(mode) else f"an entry of unknown type (mode {mode:o})"
 
 
 def open_tar(path: str):
@@ -577,9 +577,11 @@ def _local_entries(root: str, max_depth: Optional[int]) -> Iterator[tuple]:
         folder, depth = stack.pop()
         try:
             entries = list(os.scandir(folder or "."))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing there: no entries, as with Beam's listing
         except OSError:
             if folder == root:
-                raise
+                raise  # the folder the pattern names cannot be listed (permissions): say so
             continue  # a subfolder that cannot be listed: Beam's own listing skips it too
         for entry in entries:
             path = os.path.join(folder, entry.name) if folder else entry.name

@@ -16,7 +16,7 @@ import pytest
 from bench import fuzz, fuzz_inputs as F
 from bench import mutate as M
 from beam_tarimg.tario import EXPANSION_ALLOWANCE, TRAILING_CHECK_BYTES, read_tar
-from beam_tarimg.transforms import NotARegularFile, escape_glob, list_tars, match_tars, open_tar, tar_pattern
+from beam_tarimg.transforms import NotARegularFile, escape_glob, match_tars, open_tar, tar_pattern
 from beam_tarimg.types import EncodedBatch, FailureStage, ImageFailure
 
 
