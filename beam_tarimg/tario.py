@@ -62,6 +62,7 @@ EXPANSION_ALLOWANCE = 64 << 20
 TRAILING_CHECK_BYTES = 64 << 10
 _RAW_READ = 64 << 10  # compressed bytes read at a time
 _MAX_READ = 1 << 20  # decompressed bytes handed out per read at most
+_OUT_PIECE = 256 << 10  # decompressed bytes made at a time
 
 CountFn = Callable[[str, int], None]
 
@@ -413,6 +414,8 @@ class _Decompressing:
         self.bytes_in = 0
         self.bytes_out = 0
         self._input = b""  # compressed bytes read but not yet given to the decompressor
+        self._out = b""  # decompressed bytes not yet handed out: self._out[self._pos:]
+        self._pos = 0
         self._d = None  # the decompressor of the current member; None between members
         self._zstd = None
         if fmt == "zstd":
@@ -432,9 +435,13 @@ class _Decompressing:
         size = _MAX_READ if size is None or size < 0 else min(size, _MAX_READ)
         if size == 0:
             return b""
-        out = self._zstd.read(size) if self._zstd is not None else self._next_bytes(size)
-        self.bytes_out += len(out)
-        self._check_limits()
+        if self._pos == len(self._out):  # decompressed in pieces of _OUT_PIECE: tarfile reads 10 KiB at a time
+            self._out = self._zstd.read(_OUT_PIECE) if self._zstd is not None else self._next_bytes(_OUT_PIECE)
+            self._pos = 0
+            self.bytes_out += len(self._out)
+            self._check_limits()
+        out = self._out[self._pos : self._pos + size]
+        self._pos += len(out)
         return out
 
     def _next_bytes(self, size: int) -> bytes:
@@ -451,8 +458,11 @@ class _Decompressing:
     def _step(self, size: int) -> bytes:
         """Up to ``size`` bytes from the current member (maybe none: a header consumed, input needed)."""
         d = self._d
-        if self.fmt == "gzip":  # zlib keeps unconsumed input in unconsumed_tail, never buffers output
+        if self.fmt == "gzip":  # zlib keeps unconsumed input in unconsumed_tail
             if not self._input:
+                out = d.decompress(b"", size)  # output zlib may still hold for input it took
+                if out:
+                    return out
                 self._input = self._need_input()
             out = d.decompress(self._input, size)
             self._input = b"" if d.eof else d.unconsumed_tail
@@ -485,7 +495,9 @@ class _Decompressing:
         if not self._input:
             return False  # more zeros than any padding: nothing further is read
         if len(self._input) < 6:
-            self._input += _read_exactly(self._raw, 6)
+            more = _read_exactly(self._raw, 6)
+            self.bytes_in += len(more)
+            self._input += more
         if not any(self._input.startswith(m) for m, name in _MAGIC if name == self.fmt):
             raise tarfile.ReadError(f"data after the end of a {self.fmt} member that starts no new member "
                                     f"(after {self.bytes_out} decompressed bytes)")
