@@ -346,10 +346,13 @@ class _CountingReader:
 
 # How a compressed tar starts (what tarfile's "r|*" recognised, and zstd); anything else is read as a plain tar.
 _MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+# The decompressors' own memory: gzip 32 KiB of window, bzip2 under 4 MB; xz and zstd as much as the file's
+# header asks (xz's dictionary up to 1.5 GiB), so both are capped (xz -9 needs 65 MiB, zstd -19 8 MiB).
+MAX_DECOMPRESSOR_BYTES = 128 << 20
 _DECOMPRESSORS = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
     "bzip2": bz2.BZ2Decompressor,
-    "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ),
+    "xz": lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=MAX_DECOMPRESSOR_BYTES),
 }
 
 
@@ -369,9 +372,10 @@ def open_decompressed(raw, max_expansion: int = DEFAULT_MAX_EXPANSION,
 
     The compression is told by the first bytes (gzip, bzip2, xz, zstd), never by the file name. Every member
     of a multi-member file is read, one after another (``cat a.gz b.gz``, pigz, pbzip2, several xz streams or
-    zstd frames), as gzip, bzip2, xz and zstd tools do; zero bytes between members are skipped. Each read
-    hands out at most 1 MiB and reads at most 64 KiB of compressed data at a time, so memory stays bounded
-    whatever the ratio; past the limits (see ``_Decompressing``) a read raises ``_OverExpansion``.
+    zstd frames), as gzip, bzip2, xz and zstd tools do; zero bytes between members are skipped. Data is
+    decompressed 256 KiB at a time from at most 64 KiB of compressed data at a time, so memory stays bounded
+    whatever the ratio (an xz or zstd file whose header asks for more than ``MAX_DECOMPRESSOR_BYTES`` of
+    decompressor memory fails); past the limits (see ``_Decompressing``) a read raises ``_OverExpansion``.
     """
     head = _read_exactly(raw, 6)
     fmt = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
@@ -423,8 +427,8 @@ class _Decompressing:
                 import zstandard
             except ImportError:
                 raise tarfile.ReadError("a zstd-compressed tar needs the zstandard package") from None
-            self._zstd = zstandard.ZstdDecompressor().stream_reader(_Counted(raw, self), read_size=_RAW_READ,
-                                                                    read_across_frames=True)
+            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_DECOMPRESSOR_BYTES)
+            self._zstd = dctx.stream_reader(_Counted(raw, self), read_size=_RAW_READ, read_across_frames=True)
 
     def _raw_read(self) -> bytes:
         data = self._raw.read(_RAW_READ)
@@ -617,9 +621,9 @@ def read_tar(
     Time per member is linear in the bytes the stream gives for its headers and data, plus at most 8 reads
     past the end of the data; so a whole tar is linear in its decompressed bytes, which the limits above keep
     within 64 MiB + ``max_expansion`` times its compressed size. Memory: one member read (up to
-    ``max_member_bytes``, JPEGs and sidecars only), 1 MiB of decompressed and 64 KiB of compressed data, at
-    most ``MAX_CHAINED_HEADERS`` headers of at most 1 MiB each, 64 KiB of global headers, and the names of the
-    tar's JPEG members.
+    ``max_member_bytes``, JPEGs and sidecars only), 256 KiB of decompressed and 64 KiB of compressed data
+    (plus the decompressor's state, at most ``MAX_DECOMPRESSOR_BYTES``), at most ``MAX_CHAINED_HEADERS``
+    headers of at most 1 MiB each, 64 KiB of global headers, and the names of the tar's JPEG members.
 
     Member names are escaped with ``escape_member_name`` wherever they come out: ``EncodedImage.member`` and
     ``image_id``, failure records' ``member``, error messages; so is ``tar_path`` in every record (a local

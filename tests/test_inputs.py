@@ -174,6 +174,16 @@ def test_read_tar__max_expansion_and_max_decompressed_bytes_are_options():
     assert _read(payload, max_expansion=2000)[:2] == (both, [])
 
 
+def test_read_tar__an_xz_tar_asking_for_more_decompressor_memory_than_the_cap_is_one_read_failure(monkeypatch):
+    import lzma
+
+    from beam_tarimg import tario
+
+    monkeypatch.setattr(tario, "MAX_DECOMPRESSOR_BYTES", 1 << 20)  # xz -6 asks for ~9 MiB
+    images, failures, _, _ = _read(lzma.compress(TAR, preset=6))
+    assert images == [] and len(failures) == 1 and "Memory usage limit" in failures[0].error
+
+
 def test_read_tar__a_gzip_tar_cut_inside_a_member_keeps_the_members_before_the_cut():
     packed = gzip.compress(TAR)
     images, failures, _, _ = _read(packed[: len(packed) * 3 // 4])
