@@ -148,7 +148,7 @@ def open_tar(path: str):
     On object stores every matched name is an object; a name ending in ``/`` (a folder marker) raises
     ``NotARegularFile``.
     """
-    if "://" in path:
+    if FileSystems.get_scheme(path) is not None:  # an object store (or any other non-local filesystem)
         if path.endswith("/"):
             raise NotARegularFile("an object whose name ends in '/' (a folder marker), not a file")
         return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
@@ -610,7 +610,7 @@ def list_tars(pattern: str) -> List[FileMetadata]:
     """
     prefix = _GLOB_CHAR.split(pattern, 1)[0]
     regex = re.compile(glob_regex(pattern))
-    if "://" in pattern:
+    if FileSystems.get_scheme(pattern) is not None:
         listed = FileSystems.match([prefix + "**"])[0].metadata_list
         return sorted((m for m in listed if regex.match(m.path)), key=lambda m: m.path)
     if prefix != pattern:
