@@ -440,10 +440,10 @@ class _Decompressing:
         if size == 0:
             return b""
         if self._pos == len(self._out):  # decompressed in pieces of _OUT_PIECE: tarfile reads 10 KiB at a time
-            self._out = self._zstd.read(_OUT_PIECE) if self._zstd is not None else self._next_bytes(_OUT_PIECE)
-            self._pos = 0
-            self.bytes_out += len(self._out)
-            self._check_limits()
+            piece = self._zstd.read(_OUT_PIECE) if self._zstd is not None else self._next_bytes(_OUT_PIECE)
+            self.bytes_out += len(piece)
+            self._check_limits()  # raises before any byte past the limit is handed out
+            self._out, self._pos = piece, 0
         out = self._out[self._pos : self._pos + size]
         self._pos += len(out)
         return out
