@@ -6,13 +6,15 @@ import copy
 import dataclasses
 import logging
 import os
+import posixpath
+import re
+import stat
 import threading
 import time
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
@@ -24,6 +26,7 @@ from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS
 from beam_tarimg.schema import check_int
 from beam_tarimg.tario import (
     DEFAULT_EXTENSIONS,
+    DEFAULT_MAX_EXPANSION,
     DEFAULT_MAX_MEMBER_BYTES,
     escape_member_name,
     normalize_extensions,
@@ -54,6 +57,8 @@ class _ReadConfig:
     max_pixels: int
     max_member_bytes: int
     max_scans: int
+    max_expansion: int = DEFAULT_MAX_EXPANSION
+    max_decompressed_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +123,64 @@ class _SharedDecoder:
         self.lock = threading.Lock()
 
 
+class NotARegularFile(OSError):
+    """A matched entry that is no file to read (a directory, FIFO, socket, device, dangling link)."""
+
+
+def _not_regular(mode: int) -> Optional[str]:
+    for test, what in ((stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe); never opened: reading one blocks until a writer comes"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) else f"an entry of unknown type (mode {mode:o})"
+
+
+def open_tar(path: str):
+    """Opens the exact entry ``path`` names (a matched name is never matched again) for reading its bytes as
+    stored; ``read_tar`` tells and undoes the compression.
+
+    A local entry is checked with ``stat`` before it is opened: a directory, FIFO, socket or device (a symbolic
+    link is followed: one to /dev/zero is a character device) or a dangling symbolic link raises
+    ``NotARegularFile``, and nothing is opened, so a FIFO never blocks the job. The file is then opened with
+    ``O_NONBLOCK`` and checked again (``fstat``), so an entry swapped for a FIFO in between cannot block either.
+    On object stores every matched name is an object; a name ending in ``/`` (a folder marker) raises
+    ``NotARegularFile``.
+    """
+    if FileSystems.get_scheme(path) is not None:  # an object store (or any other non-local filesystem)
+        if path.endswith("/"):
+            raise NotARegularFile("an object whose name ends in '/' (a folder marker), not a file")
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    try:
+        what = _not_regular(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if not os.path.islink(path):
+            raise
+        raise NotARegularFile(f"a dangling symbolic link (to {escape_member_name(os.readlink(path))!r})") from None
+    if what is not None:
+        raise NotARegularFile(what + (" (through a symbolic link)" if os.path.islink(path) else ""))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        what = _not_regular(os.fstat(fd).st_mode)
+        if what is not None:
+            raise NotARegularFile(f"{what} (the entry changed after it was checked)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _open_and_read(element, config: _ReadConfig, counters: _Counters):
     """Yields EncodedBatch and TaggedOutput(FAILURES, ImageFailure) for one tar (a path or FileMetadata)."""
     path = element if isinstance(element, str) else element.path
     try:
-        f = FileSystems.open(path, compression_type=CompressionTypes.AUTO)
-    except Exception as e:  # any filesystem: missing, permission, a directory, a network error
+        f = open_tar(path)
+    except Exception as e:  # any filesystem: missing, permission, not a file, a network error
         counters.count("tars_failed")
-        yield TaggedOutput(
-            FAILURES, ImageFailure(escape_member_name(path), None, FailureStage.OPEN, f"{type(e).__name__}: {e}")
-        )
+        error = f"not a regular file: {e}" if isinstance(e, NotARegularFile) else f"{type(e).__name__}: {e}"
+        yield TaggedOutput(FAILURES, ImageFailure(escape_member_name(path), None, FailureStage.OPEN, error))
         return
     with f:
         for event in read_tar(
@@ -139,6 +192,8 @@ def _open_and_read(element, config: _ReadConfig, counters: _Counters):
             max_pixels=config.max_pixels,
             max_member_bytes=config.max_member_bytes,
             max_scans=config.max_scans,
+            max_expansion=config.max_expansion,
+            max_decompressed_bytes=config.max_decompressed_bytes,
             count=counters.count,
         ):
             if isinstance(event, ImageFailure):
@@ -290,6 +345,8 @@ class ReadAllImagesFromTars(beam.PTransform):
         max_scans: int = DEFAULT_MAX_SCANS,
         isolation: str = "process",
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
+        max_expansion: int = DEFAULT_MAX_EXPANSION,
+        max_decompressed_bytes: Optional[int] = None,
     ):
         super().__init__()
         check_int("batch_size", batch_size, 1)
@@ -310,6 +367,9 @@ class ReadAllImagesFromTars(beam.PTransform):
             raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
         if isinstance(run_timeout_s, bool) or not isinstance(run_timeout_s, (int, float)) or not run_timeout_s > 0:
             raise ValueError(f"run_timeout_s must be a number > 0, got {run_timeout_s!r}")
+        check_int("max_expansion", max_expansion, 1)
+        if max_decompressed_bytes is not None:
+            check_int("max_decompressed_bytes", max_decompressed_bytes, 1)
         self._read_config = _ReadConfig(
             batch_size=batch_size,
             extensions=normalize_extensions(extensions),
@@ -317,6 +377,8 @@ class ReadAllImagesFromTars(beam.PTransform):
             max_pixels=max_pixels,
             max_member_bytes=max_member_bytes,
             max_scans=max_scans,
+            max_expansion=max_expansion,
+            max_decompressed_bytes=max_decompressed_bytes,
         )
         self._decode_config = _DecodeConfig(
             batch_size=batch_size,
@@ -396,7 +458,7 @@ class ReadImagesFromTars(beam.PTransform):
 
     Args:
       file_pattern: a glob (``"gs://bucket/data/*.tar"``) or a directory (all ``*.tar`` in it), on any
-        filesystem Beam knows.
+        filesystem Beam knows; matched by ``match_tars`` (``*`` and ``?`` match any character but ``/``).
       batch_size: images per ``ImageBatch`` (and per DALI run); the last batch of a tar may be smaller, and
         so is a batch that lost images to failures or was cut short by ``max_run_bytes``.
       num_threads: DALI CPU threads per worker process; default: the cores the worker may use.
@@ -422,6 +484,9 @@ class ReadImagesFromTars(beam.PTransform):
         a native crash of DALI costs only the image that caused it (a ``decode`` failure naming the signal,
         counted in ``decoder_crashes``); ``"none"`` decodes in the worker process itself.
       run_timeout_s: a decode run taking longer kills the decoder process; handled like a crash.
+      max_expansion: a compressed tar may decompress to 64 MiB plus at most this many times the compressed bytes
+        read so far; past that it ends with one ``read`` failure (a decompression bomb).
+      max_decompressed_bytes: if given, the most bytes any one compressed tar may decompress to.
       accelerator: a Beam ``accelerator`` resource hint for the decode step (e.g.
         ``"type:nvidia-l4;count:1;install-nvidia-driver"``), with ``num_threads`` as its ``cpu_count`` hint;
         applied on non-local runners only. The hinted step runs in its own environment, unfused.
@@ -448,21 +513,140 @@ class ReadImagesFromTars(beam.PTransform):
         return result
 
     def expand(self, pbegin):
-        tars = (
-            pbegin
-            | "MatchTars" >> fileio.MatchFiles(self._pattern, fileio.EmptyMatchTreatment.DISALLOW)
-            | "SpreadTars" >> beam.Reshuffle()
-        )
+        tars = pbegin | "MatchTars" >> MatchTars(self._pattern) | "SpreadTars" >> beam.Reshuffle()
         return tars | "ReadAll" >> self._read_all
 
 
 def tar_pattern(path: str) -> str:
-    """A directory (local, or any path ending in '/') becomes ``<dir>/*.tar``; a glob is kept."""
+    """A directory (local, or any path ending in '/') becomes ``<dir>/*.tar``, its name escaped (``escape_glob``)
+    so that it is never read as a glob; a glob is kept."""
     if path.endswith("/"):
-        return path + "*.tar"
+        return escape_glob(path) + "*.tar"
     if "://" not in path and os.path.isdir(path):
-        return os.path.join(path, "*.tar")
+        return os.path.join(escape_glob(path), "*.tar")
     return path
+
+
+def escape_glob(path: str) -> str:
+    """``path`` as a pattern that matches only itself: ``[``, ``*``, ``?`` become ``[[]``, ``[*]``, ``[?]``."""
+    return re.sub(r"([\[*?])", r"[\1]", path)
+
+
+_GLOB_CHAR = re.compile(r"[\[*?]")
+
+
+def glob_regex(pattern: str) -> str:
+    """Beam's glob syntax (``FileSystem.translate_pattern``) as a regular expression over whole paths, except
+    that ``*``, ``?`` and ``[...]`` match any character but ``/`` (Beam's ``*`` also skips ``\\``, so that
+    ``*.tar`` never matched ``back\\slash.tar``); ``**`` matches anything, ``/`` included."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if pattern[i : i + 1] == "*":
+                out.append(".*")
+                i += 1
+            else:
+                out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + (pattern[i : i + 1] == "!")
+            j += pattern[j : j + 1] == "]"
+            j = pattern.find("]", j)
+            if j < 0:
+                out.append(re.escape(c))
+                continue
+            body = pattern[i:j].replace("\\", "\\\\").replace("[", "\\[")
+            i = j + 1
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append(f"(?!/)[{body}]")
+        else:
+            out.append(re.escape(c))
+    return "(?s)" + "".join(out) + r"\Z"
+
+
+def _local_entries(root: str, max_depth: Optional[int]) -> Iterator[tuple]:
+    """(path, DirEntry) of every entry under ``root`` ("" for the working directory), whatever its type, down to
+    ``max_depth`` folders deep (None: all); symbolic links to folders are not followed."""
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = list(os.scandir(folder or "."))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing there: no entries, as with Beam's listing
+        except OSError:
+            if folder == root:
+                raise  # the folder the pattern names cannot be listed (permissions): say so
+            continue  # a subfolder that cannot be listed: Beam's own listing skips it too
+        for entry in entries:
+            path = os.path.join(folder, entry.name) if folder else entry.name
+            yield path, entry
+            if (max_depth is None or depth < max_depth) and entry.is_dir(follow_symlinks=False):
+                stack.append((path, depth + 1))
+
+
+def _metadata(path: str, entry=None) -> FileMetadata:
+    try:
+        st = entry.stat() if entry is not None else os.stat(path)  # never blocks, not even on a FIFO
+    except OSError:  # a dangling link
+        st = entry.stat(follow_symlinks=False) if entry is not None else os.lstat(path)
+    return FileMetadata(path, st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_mtime)
+
+
+def list_tars(pattern: str) -> List[FileMetadata]:
+    """Every entry ``pattern`` names (``glob_regex``), sorted by path; possibly none.
+
+    Local: the folder before the first glob character is listed (as deep as the pattern needs) and every entry
+    whose path matches is returned whatever its type (folders, FIFOs, sockets, devices and dangling links too:
+    ``open_tar`` makes each an ``open`` failure naming it, rather than the job skipping it without a word); a
+    pattern with no glob character, or one that matches nothing but names an existing entry, is that entry.
+    Object stores: the keys under the prefix before the first glob character (Beam's listing), filtered the same
+    way; folders there are only prefixes, never entries.
+    """
+    prefix = _GLOB_CHAR.split(pattern, 1)[0]
+    regex = re.compile(glob_regex(pattern))
+    if FileSystems.get_scheme(pattern) is not None:
+        listed = FileSystems.match([prefix + "**"])[0].metadata_list
+        return sorted((m for m in listed if regex.match(m.path)), key=lambda m: m.path)
+    if prefix != pattern:
+        root = posixpath.dirname(prefix)
+        rest = pattern[len(root):].lstrip("/")
+        depth = None if "**" in rest else rest.count("/")
+        found = [_metadata(path, entry) for path, entry in _local_entries(root, depth) if regex.match(path)]
+        if found:
+            return sorted(found, key=lambda m: m.path)
+    return [_metadata(pattern)] if os.path.lexists(pattern) else []
+
+
+def match_tars(pattern: str) -> List[FileMetadata]:
+    """``list_tars``; raises ValueError naming the pattern when it names nothing or cannot be listed."""
+    try:
+        matched = list_tars(pattern)
+    except Exception as e:
+        raise ValueError(f"cannot match tar files for {pattern!r}: {e}") from e
+    if not matched:
+        raise ValueError(f"no files match {pattern!r}")
+    return matched
+
+
+class MatchTars(beam.PTransform):
+    """``pattern`` -> a ``PCollection[FileMetadata]`` of every entry it names, listed when the pipeline runs
+    (``match_tars``: fails there when nothing matches). Unlike ``fileio.MatchFiles`` it keeps names with a
+    backslash, and folders, FIFOs and dangling links, which ``ReadAllImagesFromTars`` turns into ``open``
+    failures naming them."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self._pattern = pattern
+
+    def expand(self, pbegin):
+        return pbegin | "Pattern" >> beam.Create([self._pattern]) | "List" >> beam.FlatMap(match_tars)
 
 
 def match_files(pattern: str, what: str = "files") -> list:
@@ -474,10 +658,3 @@ def match_files(pattern: str, what: str = "files") -> list:
     if not matched:
         raise ValueError(f"no files match {pattern!r}")
     return matched
-
-
-def match_tars(pattern: str) -> list:
-    """``match_files`` for tar shards."""
-    return match_files(pattern, "tar files")
-
-

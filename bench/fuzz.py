@@ -18,6 +18,9 @@ What it runs (everything deterministic for a ``--seed``):
    the mutated header, the member holding a cut, the end of the first archive) may instead be covered by that
    tar's one tar-level ``read`` failure (member None). Good JPEGs that reach the reader intact must come out as
    rows, pixel-equal to Pillow's decode.
+4. Hostile inputs (``bench.fuzz_inputs``; ``--skip-inputs`` leaves them out): one more job over folder entries
+   that are no tar (a FIFO, a directory, a link to /dev/zero, ...), names with glob characters, multi-member and
+   bomb-compressed tars, accounted the same way; each entry that is no tar must be one ``open`` failure.
 
 The report (stdout; ``--json PATH`` for a machine-readable one) gives the mutants run per kind, the job runs,
 their exit codes, hangs, members lost or duplicated (per mutation kind), decoder crashes contained (the job's
@@ -50,7 +53,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from bench import fuzz_pixels
+from bench import fuzz_inputs, fuzz_pixels
 from bench import mutate as M
 from bench.measure import _TreeSampler, descendants, vm_hwm_kb
 
@@ -578,6 +581,8 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict:
             report["jobs"].append(run_job(name, plans, in_dir, os.path.join(os.path.dirname(in_dir), "out"), args, log))
             if not args.keep:
                 shutil.rmtree(os.path.join(os.path.dirname(in_dir), "out"), ignore_errors=True)
+        if not args.skip_inputs:  # hostile folder entries and compressed tars (bench.fuzz_inputs)
+            report["jobs"].append(fuzz_inputs.run_inputs_job(work, args, log))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     _verdict(report)
     if not args.keep and not args.work:
@@ -701,6 +706,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--runner", default="FnApiRunner", help="the job's Beam runner (default FnApiRunner)")
     p.add_argument("--skip-core", action="store_true", help="do not run the decode core")
     p.add_argument("--skip-job", action="store_true", help="do not run the job")
+    p.add_argument("--skip-inputs", action="store_true",
+                   help="do not run the job over hostile folder entries and compressed tars (bench.fuzz_inputs)")
     p.add_argument("--work", default=None, help="folder for tars and outputs (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the tars and the job outputs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")

@@ -130,11 +130,10 @@ def run_pipeline(
             check_writable(args.failures, "--failures")
 
     import apache_beam as beam
-    from apache_beam.io import fileio
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_tarimg.transforms import ReadAllImagesFromTars, match_tars, tar_pattern
+    from beam_tarimg.transforms import MatchTars, ReadAllImagesFromTars, match_tars, tar_pattern
     from pipelines import steps
     from pipelines.options import check_beam_flags
 
@@ -173,7 +172,7 @@ def run_pipeline(
 
     tars = (
         pipeline
-        | "MatchTars" >> fileio.MatchFiles(pattern, fileio.EmptyMatchTreatment.DISALLOW)
+        | "MatchTars" >> MatchTars(pattern)
         | "SpreadTars" >> beam.Reshuffle()
         | "ReportTarsDone" >> beam.ParDo(steps.TarDoneFn())
     )

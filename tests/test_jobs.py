@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -83,42 +82,29 @@ def _processes_with(mark: str):
     return found
 
 
-def _feed_fifo(path, data, stop):
-    """Writes ``data`` into a FIFO and keeps it open (the job's reader blocks on it) until ``stop`` is set."""
-    try:
-        fd = os.open(path, os.O_WRONLY)  # blocks until the job opens the tar
-    except OSError:
-        return
-    try:
-        os.write(fd, data)
-        stop.wait(TIMEOUT_S)
-    except OSError:  # the reader was killed
-        pass
-    finally:
-        os.close(fd)
-
-
 _FNAPI = ["--runner", "FnApiRunner"]
 _MULTI = ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 
 
+_STOP_MARKER = b"beam-tarimg-test-stop"
+
+
 @contextlib.contextmanager
 def _job_mid_write(tmp_path, runner):
-    """A tar_to_parquet job stopped mid-write: its one tar is a FIFO fed half a tar and kept open, so the job
-    has decoded and written the images fed so far and waits for more. Yields (process, output folder, mark);
-    every process of the job has ``mark`` in its environment. The job runs in its own process group."""
+    """A tar_to_parquet job stopped mid-write: its tar holds 12 images, then one carrying a marker on which the
+    decoder process stops itself (SIGSTOP, ``decoder_process.CRASH_TEST_ENV``), so the job has decoded and
+    written the first images and waits (up to ``run_timeout_s``) for the rest. (A FIFO fed half a tar did this
+    before; a FIFO is now an ``open`` failure, never opened.) Yields (process, output folder, mark); every
+    process of the job has ``mark`` in its environment. The job runs in its own process group."""
+    from beam_tarimg.decoder_process import CRASH_TEST_ENV
+
     data_dir, out = tmp_path / "in", tmp_path / "out"
     data_dir.mkdir()
     rng = np.random.default_rng(0)
-    whole = data_dir / "whole.tar"
-    write_tar(str(whole), [(f"{i:03d}.jpg", encode_jpeg(photo_like_image(rng, 512, 384))) for i in range(24)])
-    raw = whole.read_bytes()
-    os.remove(whole)
-    fifo = data_dir / "00000.tar"
-    os.mkfifo(fifo)
-    stop = threading.Event()
-    feeder = threading.Thread(target=_feed_fifo, args=(str(fifo), raw[: len(raw) // 2], stop), daemon=True)
-    feeder.start()
+    images = [(f"{i:03d}.jpg", encode_jpeg(photo_like_image(rng, 512, 384))) for i in range(13)]
+    comment = b"\xff\xfe" + (len(_STOP_MARKER) + 2).to_bytes(2, "big") + _STOP_MARKER
+    images[-1] = (images[-1][0], images[-1][1][:2] + comment + images[-1][1][2:])
+    write_tar(str(data_dir / "00000.tar"), images)
     mark = f"beam-tarimg-test-{uuid.uuid4().hex}"
     temp = tmp_path / "temp"  # the job's temp folder (its progress files, the supervisor's private folder)
     temp.mkdir()
@@ -128,7 +114,7 @@ def _job_mid_write(tmp_path, runner):
          "--row_group_mb", "1", "--image_format", "raw", *runner],  # raw: a row group fills fast
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "BEAM_TARIMG_TEST_MARK": mark, "TMPDIR": str(temp),
-             "BEAM_TARIMG_PROGRESS_INTERVAL": "0.2"})
+             "BEAM_TARIMG_PROGRESS_INTERVAL": "0.2", CRASH_TEST_ENV: "SIGSTOP:" + _STOP_MARKER.hex()})
     try:
         deadline = time.monotonic() + TIMEOUT_S
         partial = []
@@ -141,7 +127,6 @@ def _job_mid_write(tmp_path, runner):
         assert [n for n in _left_in(temp) if n.startswith("beam-tarimg-job-")]  # the progress folder is in it
         yield proc, out, mark
     finally:
-        stop.set()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
