@@ -105,7 +105,8 @@ def test_decoder_process__ends_within_seconds_when_its_parent_dies_mid_run(monke
 @pytest.mark.parametrize("isolation", ["process", "none"])
 def test_decoder__threads_sharing_one_decoder_get_exact_outputs_and_no_crash(isolation):
     # What every DoFn of a worker process does with its one shared decoder (transforms._SharedDecoder).
-    decoder = ImageDecoder(max_batch_size=4, num_threads=1, device="cpu", isolation=isolation)
+    # A run here takes milliseconds: a short run timeout ends a thread stuck waiting for a reply another took.
+    decoder = ImageDecoder(max_batch_size=4, num_threads=1, device="cpu", isolation=isolation, run_timeout_s=10)
     corpus = [make_jpeg(300 + i, 32 + i % 7, 24 + i % 5) for i in range(24)]
     reference = [pillow_rgb(b) for b in corpus]
     n_threads = 4
@@ -126,7 +127,7 @@ def test_decoder__threads_sharing_one_decoder_get_exact_outputs_and_no_crash(iso
         except BaseException as e:  # surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(n_threads)]
     for th in threads:
         th.start()
     for th in threads:
