@@ -9,6 +9,7 @@ its planned bytes.
 from __future__ import annotations
 
 import io
+import tarfile
 
 import numpy as np
 import pytest
@@ -120,6 +121,35 @@ def test_max_batch_bytes__many_jpegs_under_one_key_are_handed_on_at_the_cap(tmp_
     assert _batch_sizes(events) == [3, 3, 3, 1]
     assert all(image.metadata == {"a": 1} for e in events for image in e.images)
     assert _batch_sizes(_events(path, batch_size=100, include_metadata=True, max_batch_bytes=3 * n + 1)) == [4, 4, 2]
+
+
+class _Recording(io.BytesIO):
+    """A file object that remembers how far it has been read."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.high_water = 0
+
+    def read(self, size=-1):
+        out = super().read(size)
+        self.high_water = max(self.high_water, self.tell())
+        return out
+
+
+def test_max_batch_bytes__under_one_key_the_jpeg_after_the_cap_is_not_read_before_the_batch_is_handed_on(tmp_path):
+    # What the cap on gathered bytes bounds is memory: the batch goes out before the next JPEG's bytes come in.
+    jpeg = make_jpeg(7, 480, 360)
+    n = len(jpeg)
+    assert n > 2 * 10240  # well over tarfile's read-ahead (one 10 KiB record)
+    path = write_tar(tmp_path / "a.tar", [("k.json", b"{}")] + [("k.jpg", jpeg)] * 10)
+    with tarfile.open(path) as tf:
+        fourth = [m for m in tf.getmembers() if m.name == "k.jpg"][3].offset_data
+    with open(path, "rb") as f:
+        stream = _Recording(f.read())
+    events = read_tar(stream, str(path), batch_size=100, include_metadata=True, max_batch_bytes=3 * n)
+    first = next(events)
+    assert isinstance(first, EncodedBatch) and len(first) == 3
+    assert stream.high_water < fourth + n // 2, "the fourth JPEG was read before the first three were handed on"
 
 
 # -- max_run_bytes (decode.plan_runs: a run stops before the image that would take it over its planned bytes) -----
