@@ -175,3 +175,31 @@ def test_max_run_bytes__a_run_holds_exactly_its_planned_bytes_and_not_one_more(i
     # Planned at 1/share of the budget: two images fill a run exactly.
     assert runs(share * 2 * size) == [[0, 1], [2, 3], [4]]
     assert runs(share * 2 * size - share) == [[0], [1], [2], [3], [4]]
+
+
+# -- the transforms' arguments (transforms.ReadAllImagesFromTars: schema.check_int and its own checks) -------------
+
+
+@pytest.mark.parametrize("name, lowest", [
+    ("batch_size", 1), ("num_threads", 1), ("device_id", 0), ("max_pixels", 1), ("max_member_bytes", 1),
+    ("max_run_bytes", 1), ("max_scans", 1),
+])
+def test_transform_arguments__the_lowest_value_is_taken_and_one_less_is_refused_by_name(name, lowest):
+    from beam_tarimg import ReadAllImagesFromTars
+
+    ReadAllImagesFromTars(**{name: lowest})
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= {lowest}, got {lowest - 1}"):
+        ReadAllImagesFromTars(**{name: lowest - 1})
+
+
+def test_transform_arguments__hw_decoder_load_takes_0_and_1_and_run_timeout_s_any_positive_time():
+    from beam_tarimg import ReadAllImagesFromTars
+
+    for load in (0.0, 1.0):
+        ReadAllImagesFromTars(hw_decoder_load=load)
+    for load in (-1e-9, 1.0 + 1e-9):
+        with pytest.raises(ValueError, match="hw_decoder_load"):
+            ReadAllImagesFromTars(hw_decoder_load=load)
+    ReadAllImagesFromTars(run_timeout_s=1e-3)
+    with pytest.raises(ValueError, match="run_timeout_s"):
+        ReadAllImagesFromTars(run_timeout_s=0)
