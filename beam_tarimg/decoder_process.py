@@ -400,7 +400,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 # A crash on request, for testing the supervision with a real signal in the real decoder process (as browsers
 # have crash pages): "SIGSEGV:<hex bytes>" makes the decoder process kill itself with that signal when a run
-# holds an image containing those bytes. Read once, when the decoder process starts; unset in normal use.
+# holds an image containing those bytes; "STALL:<hex bytes>" makes it sleep for an hour there instead (busy in
+# a long run, as far as anyone outside can tell). Read once, when the decoder process starts; unset in normal use.
 CRASH_TEST_ENV = "BEAM_TARIMG_TEST_CRASH_ON"
 
 
@@ -409,7 +410,10 @@ def _crash_request():
     if not spec:
         return None
     name, _, marker = spec.partition(":")
-    return signal.Signals[name], bytes.fromhex(marker)
+    if name == "STALL":
+        return (lambda: time.sleep(3600.0)), bytes.fromhex(marker)
+    signum = signal.Signals[name]
+    return (lambda: os.kill(os.getpid(), signum)), bytes.fromhex(marker)
 
 
 def _child_main(fd: int) -> None:
@@ -448,7 +452,7 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
             if mm is not None:
                 mm.close()
         if crash_request is not None and any(crash_request[1] in blob for blob in encoded):
-            os.kill(os.getpid(), crash_request[0])
+            crash_request[0]()
         outcomes = decoder.decode(encoded, plans)
         meta = [
             (None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None)

@@ -1,6 +1,11 @@
 """Shared test helpers: tar and JPEG builders, and a runner that collects a pipeline's outputs from files.
 
 Test data is built here, in temporary folders; nothing binary is committed.
+
+Time limits (pytest-timeout, set in pyproject.toml): a test past its limit fails with its name (SIGALRM raises
+in the test), and the processes it started that are still alive are killed. Should the test not end even
+then (the exception swallowed, a thread stuck in C), a backstop a minute later dumps every thread's stack and
+ends the run. A run in which a test timed out ends at once after its summary (no wait for stuck threads).
 """
 
 from __future__ import annotations
@@ -8,7 +13,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import signal
+import sys
 import tarfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -19,6 +27,114 @@ import pytest
 from beam_tarimg.sample import encode_jpeg, photo_like_image
 
 Member = Union[Tuple[str, bytes], tarfile.TarInfo]
+
+# -- time limits -------------------------------------------------------------------------------------------------
+
+# The default limit (pyproject.toml) is 120 s: ~5x the slowest unmarked test measured on a 2-core machine shared
+# with four other test runs. Tests marked slow (multi-process runners, object-store emulators: up to ~60 s
+# there) and gpu get longer unless they set their own.
+LONGER_LIMITS_S = {"slow": 420, "gpu": 600}
+BACKSTOP_GRACE_S = 60.0  # after a test's limit, how long its SIGALRM failure may take to end it
+_timed_out: list = []  # node ids of the tests that ran past their limit
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            limits = [s for name, s in LONGER_LIMITS_S.items() if item.get_closest_marker(name) is not None]
+            if limits:
+                item.add_marker(pytest.mark.timeout(max(limits)))
+
+
+def _descendants(root: int) -> List[int]:
+    """The pids of the live processes below ``root`` (each parent before its children), from /proc."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(") ", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if state == "Z":  # a zombie: ended already
+            continue
+        ppid = int(ppid)
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(pids: Iterable[int], why: str) -> None:
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+        sys.stderr.write(f"\n{why}: killed process {pid} ({cmd})\n")
+
+
+def _timeout_settings(item):
+    if not item.config.pluginmanager.hasplugin("timeout"):  # not installed, or -p no:timeout: no limits
+        return None
+    import pytest_timeout
+
+    settings = pytest_timeout._get_item_settings(item)
+    return settings if settings.timeout else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    settings = _timeout_settings(item)
+    before = set(_descendants(os.getpid()))
+    backstop = None
+    if settings is not None:
+        import pytest_timeout
+
+        def last_resort():
+            why = f"{item.nodeid} still running {BACKSTOP_GRACE_S:g} s past its {settings.timeout:g} s limit"
+            sys.stderr.write(f"\n{why}: ending the run\n")
+            _kill(_descendants(os.getpid()), why)
+            pytest_timeout.timeout_timer(item, settings)  # dumps every thread's stack, then os._exit(1)
+
+        backstop = threading.Timer(settings.timeout + BACKSTOP_GRACE_S, last_resort)
+        backstop.daemon = True
+        backstop.start()
+    try:
+        yield
+    finally:
+        if backstop is not None:
+            backstop.cancel()
+    if item.nodeid in _timed_out:
+        _kill([p for p in _descendants(os.getpid()) if p not in before], f"{item.nodeid} timed out")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.excinfo is not None and "from pytest-timeout" in str(call.excinfo.value):
+        _timed_out.append(item.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._tarimg_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    # A test that timed out may have left threads that never end (a non-daemon thread keeps the interpreter
+    # from exiting) or processes that hold the output open: end the run now that its report is out.
+    if _timed_out:
+        _kill(_descendants(os.getpid()), "the run had a timeout")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(getattr(config, "_tarimg_exitstatus", 1) or 1)
 
 
 def _register_fn_api_runner_short_name() -> None:
