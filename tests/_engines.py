@@ -25,7 +25,6 @@ import dataclasses
 import glob
 import json
 import os
-import signal
 import sys
 import time
 import urllib.request

@@ -188,6 +188,32 @@ def write_tar(path, members: Iterable[Member], format=tarfile.PAX_FORMAT, end_bl
     return path
 
 
+class RecordingFile(io.BytesIO):
+    """A file object that remembers how far it has been read (``high_water``)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.high_water = 0
+
+    def read(self, size=-1):
+        out = super().read(size)
+        self.high_water = max(self.high_water, self.tell())
+        return out
+
+
+def digest(value):
+    """A row value with its bytes (pixels, encoded images, also inside structs) replaced by their sha256."""
+    import hashlib
+
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, dict):
+        return {k: digest(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [digest(v) for v in value]
+    return value
+
+
 def link_member(name: str, target: str, symbolic: bool = True) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.SYMTYPE if symbolic else tarfile.LNKTYPE

@@ -18,7 +18,7 @@ from PIL import Image
 from beam_tarimg.decode import ImageDecoder, claimed_bytes
 from beam_tarimg.tario import read_tar
 from beam_tarimg.types import EncodedBatch, FailureStage, ImageFailure
-from conftest import make_jpeg, pillow_rgb, write_tar
+from conftest import RecordingFile, make_jpeg, pillow_rgb, write_tar
 
 
 def _events(path, **kwargs):
@@ -123,19 +123,6 @@ def test_max_batch_bytes__many_jpegs_under_one_key_are_handed_on_at_the_cap(tmp_
     assert _batch_sizes(_events(path, batch_size=100, include_metadata=True, max_batch_bytes=3 * n + 1)) == [4, 4, 2]
 
 
-class _Recording(io.BytesIO):
-    """A file object that remembers how far it has been read."""
-
-    def __init__(self, data: bytes):
-        super().__init__(data)
-        self.high_water = 0
-
-    def read(self, size=-1):
-        out = super().read(size)
-        self.high_water = max(self.high_water, self.tell())
-        return out
-
-
 def test_max_batch_bytes__under_one_key_the_jpeg_after_the_cap_is_not_read_before_the_batch_is_handed_on(tmp_path):
     # What the cap on gathered bytes bounds is memory: the batch goes out before the next JPEG's bytes come in.
     jpeg = make_jpeg(7, 480, 360)
@@ -145,7 +132,7 @@ def test_max_batch_bytes__under_one_key_the_jpeg_after_the_cap_is_not_read_befor
     with tarfile.open(path) as tf:
         fourth = [m for m in tf.getmembers() if m.name == "k.jpg"][3].offset_data
     with open(path, "rb") as f:
-        stream = _Recording(f.read())
+        stream = RecordingFile(f.read())
     events = read_tar(stream, str(path), batch_size=100, include_metadata=True, max_batch_bytes=3 * n)
     first = next(events)
     assert isinstance(first, EncodedBatch) and len(first) == 3

@@ -20,11 +20,9 @@ with this SDK.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
 import tarfile
@@ -37,7 +35,7 @@ import pytest
 import _engines as E
 from beam_tarimg.decoder_process import CRASH_TEST_ENV
 from beam_tarimg.sample import make_sample_dataset
-from conftest import make_jpeg, write_tar
+from conftest import digest, make_jpeg, write_tar
 
 pytestmark = pytest.mark.slow
 
@@ -144,16 +142,6 @@ def _job(module, folder, out, flags, log_dir, env, name, engine=None, extra=()):
     return out
 
 
-def _digest(value):
-    if isinstance(value, (bytes, bytearray)):
-        return hashlib.sha256(value).hexdigest()
-    if isinstance(value, dict):
-        return {k: _digest(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_digest(v) for v in value]
-    return value
-
-
 def _parquet_rows(out: Path) -> dict:
     import pyarrow.parquet as pq
 
@@ -161,7 +149,7 @@ def _parquet_rows(out: Path) -> dict:
     for f in sorted(out.glob("images*")):
         for row in pq.read_table(f).to_pylist():
             assert row["image_id"] not in rows, f"{row['image_id']} written twice"
-            rows[row["image_id"]] = _digest(row)
+            rows[row["image_id"]] = digest(row)
     return rows
 
 

@@ -7,7 +7,6 @@ object), and refuse or --overwrite an existing prefix in the bucket as it does l
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -50,24 +50,13 @@ def _job(*args, env=None):
     return proc
 
 
-def _digest(value):
-    """A row value with its bytes (pixels, encoded images, also inside structs) replaced by their sha256."""
-    if isinstance(value, (bytes, bytearray)):
-        return hashlib.sha256(value).hexdigest()
-    if isinstance(value, dict):
-        return {k: _digest(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_digest(v) for v in value]
-    return value
-
-
 def _rows(parquet_files) -> dict:
     """image_id -> every column of its row (bytes as digests), over Parquet files given as bytes."""
     rows = {}
     for data in parquet_files:
         for row in pq.read_table(io.BytesIO(data)).to_pylist():
             assert row["image_id"] not in rows
-            rows[row["image_id"]] = _digest(row)
+            rows[row["image_id"]] = digest(row)
     return rows
 
 

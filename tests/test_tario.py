@@ -19,20 +19,7 @@ from beam_tarimg.tario import (
     tar_display_name,
 )
 from beam_tarimg.types import EncodedBatch, FailureStage, ImageFailure
-from conftest import make_jpeg, write_tar
-
-
-class _Recording(io.BytesIO):
-    """A file object that remembers how far it has been read."""
-
-    def __init__(self, data: bytes):
-        super().__init__(data)
-        self.high_water = 0
-
-    def read(self, size=-1):
-        out = super().read(size)
-        self.high_water = max(self.high_water, self.tell())
-        return out
+from conftest import RecordingFile, make_jpeg, write_tar
 
 
 def _counts():
@@ -44,7 +31,7 @@ def test_read_tar__streams_the_first_batch_before_reading_the_rest_of_the_tar(tm
     jpeg = make_jpeg(1, 32, 32)
     path = write_tar(tmp_path / "big.tar", [(f"{i:09d}.jpg", jpeg) for i in range(2000)])
     raw = open(path, "rb").read()
-    f = _Recording(raw)
+    f = RecordingFile(raw)
     events = read_tar(f, path, batch_size=10)
     first = next(events)
     assert isinstance(first, EncodedBatch) and len(first) == 10
