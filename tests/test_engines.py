@@ -62,9 +62,11 @@ CRASH_MARKER = b"crash-the-decoder-process"
 # Distributed runners: "auto" spreads encoded batches before the decode. Prism counts as local.
 EXPECTED_REDISTRIBUTE = {"flink": "encoded", "flink-cluster": "encoded", "spark": "encoded", "prism": "none"}
 # An SDK worker killed mid-run: the mini-cluster has Flink's default (no restart for a batch job without
-# checkpoints), the standalone cluster a restart strategy in its configuration (E.FLINK_CLUSTER_RESTARTS);
-# Spark's local master does not retry tasks.
-EXPECTED_AFTER_KILL = {"flink": "failed", "flink-cluster": "retried", "spark": "failed"}
+# checkpoints) and Spark's local master does not retry tasks: the job fails. The standalone cluster has a
+# restart strategy in its configuration (E.FLINK_CLUSTER_RESTARTS): Flink restarts the job, and the restart
+# either completes (every image written once) or fails again ("call already cancelled" from the dead worker's
+# channel, seen in 1 of 5 runs) until its attempts are spent: both end with no partial output.
+EXPECTED_AFTER_KILL = {"flink": {"failed"}, "flink-cluster": {"retried", "failed"}, "spark": {"failed"}}
 
 
 def _marked(jpeg: bytes) -> bytes:
@@ -246,19 +248,13 @@ def test_engine__read_images_with_failures_gives_the_fn_api_runners_images_and_f
     assert _left_over(tmp_path / "out") == []
 
 
-def test_engine__tar_to_parquet_writes_what_the_fn_api_runner_writes(engine, dataset, reference, env, tmp_path):
-    out = _job("pipelines.tar_to_parquet", dataset, tmp_path / "parquet", engine.pipeline_flags(), tmp_path, env,
-               f"{engine.name}_parquet", engine)
-    assert _parquet_rows(out) == reference["parquet"]
-    assert _failure_lines(out) == reference["parquet_failures"]
-    assert _left_over(out) == []
-
-
-def test_engine__tar_to_tfrecord_writes_what_the_fn_api_runner_writes(engine, dataset, reference, env, tmp_path):
-    out = _job("pipelines.tar_to_tfrecord", dataset, tmp_path / "tfrecord", engine.pipeline_flags(), tmp_path, env,
-               f"{engine.name}_tfrecord", engine)
-    assert _tfrecords(out) == reference["tfrecord"]
-    assert _failure_lines(out) == reference["tfrecord_failures"]
+@pytest.mark.parametrize("job,read_output", [("parquet", _parquet_rows), ("tfrecord", _tfrecords)])
+def test_engine__a_job_writes_what_the_fn_api_runner_writes(engine, dataset, reference, env, tmp_path, job,
+                                                             read_output):
+    out = _job(f"pipelines.tar_to_{job}", dataset, tmp_path / job, engine.pipeline_flags(), tmp_path, env,
+               f"{engine.name}_{job}", engine)
+    assert read_output(out) == reference[job]
+    assert _failure_lines(out) == reference[f"{job}_failures"]
     assert _left_over(out) == []
 
 
@@ -314,7 +310,7 @@ def test_engine__a_killed_sdk_worker_leaves_no_partial_or_duplicated_output(engi
     else:  # failed: nothing that looks like output is left
         assert code == 1, client.log_text()[-3000:]
         assert files == [] and not (out / "failures.jsonl").exists(), files
-    assert EXPECTED_AFTER_KILL[engine.name] == ("retried" if code == 0 else "failed"), client.log_text()[-3000:]
+    assert ("retried" if code == 0 else "failed") in EXPECTED_AFTER_KILL[engine.name], client.log_text()[-3000:]
     assert E.wait_until_gone(E.DECODER_PROCESS_MODULE, token) == []
 
 
