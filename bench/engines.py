@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import _engines as E  # noqa: E402
+from _portable import service_env  # noqa: E402
 from bench import corpus as K  # noqa: E402
 from bench.measure import RESULT_PREFIX, descendants, proc_cpu_s, proc_memory_kb, run_worker  # noqa: E402
 
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     views = {small: K.view(folder, small), n: K.view(folder, n)}
     names = [e for e in args.engines.split(",") if e]
     log_dir = Path(tempfile.mkdtemp(prefix="bench-engines-logs-"))
-    env = E.engine_env({"BEAM_TARIMG_ENGINE_TEST": "bench"})
+    env = service_env({"BEAM_TARIMG_ENGINE_TEST": "bench"})
     print(f"bench.engines: Beam {E.beam_version()}, N={n} and {small} images, {rounds} round(s), logs {log_dir}",
           file=sys.stderr, flush=True)
 

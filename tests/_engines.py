@@ -8,7 +8,7 @@ process group, waited for on its port, and stopped as a group: no JVM or Python 
 
 Pipelines are submitted by a client process (``python tests/_engines.py probe ...`` or a job of ``pipelines/``)
 with ``--job_endpoint`` pointing at the running job server, so no JVM is started per pipeline. SDK workers come
-from a worker pool (``--environment_type=EXTERNAL``, the pool of ``tests/_portable.py``): processes the engine
+from a worker pool (``--environment_type=EXTERNAL``, ``_portable.start_worker_pool``): processes the engine
 asks for, as a cluster's SDK harness containers are.
 
 Run as a script: ``python tests/_engines.py probe --input PATTERN --output PREFIX [--batch_size N] [Beam flags]``
@@ -39,6 +39,7 @@ from _portable import (
     free_port,
     image_digest,
     start_service,
+    start_worker_pool,
     wait_for_port,
 )
 
@@ -86,18 +87,6 @@ def missing(path: Path) -> Optional[str]:
     return None
 
 
-def engine_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Environment of every process started here: this interpreter's ``bin`` first on PATH (the worker pool
-    starts SDK workers with the bare command ``python``), the repository and the tests importable."""
-    env = dict(os.environ)
-    first = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([first] + [p for p in env.get("PATH", "").split(os.pathsep) if p and p != first])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(THIS_FILE.parent), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Services
 
@@ -131,16 +120,6 @@ class Engine:
             if s.proc.poll() is not None:
                 return f"{s.name} died"
         return None
-
-
-def worker_pool(log_dir: Path, env: Dict[str, str], name: str = "worker_pool") -> tuple:
-    port = free_port()
-    pool = start_service(
-        name, [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
-        log_dir, env,
-    )
-    wait_for_port(pool, port, STARTUP_TIMEOUT_S)
-    return pool, port
 
 
 def flink_conf_dir(folder: Path, parallelism: int, extra: Optional[Dict[str, str]] = None) -> Path:
@@ -261,7 +240,8 @@ def engine(name: str, log_dir: Path, env: Dict[str, str], workers: int = 2) -> I
             yield Engine(name, "PrismRunner", [], [f"--prism_location={prism_binary()}",
                                                     "--environment_type=LOOPBACK"], workers=1)
             return
-        pool, pool_port = worker_pool(log_dir, env)
+        pool, pool_port = start_worker_pool(log_dir, env)
+        wait_for_port(pool, pool_port, STARTUP_TIMEOUT_S)
         started.append(pool)
         sdk = ["--environment_type=EXTERNAL", f"--environment_config=localhost:{pool_port}",
                f"--sdk_worker_parallelism={workers}"]
@@ -361,14 +341,6 @@ def _image_lines(batch):
 
 def _failure_line(failure) -> str:
     return json.dumps(failure.to_dict(), sort_keys=True)
-
-
-def read_jsonl(pattern: str) -> List[dict]:
-    rows = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path) as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
 
 
 def metrics_json(result) -> dict:

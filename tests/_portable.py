@@ -220,6 +220,16 @@ class PortableServices:
             client.stop()
 
 
+def start_worker_pool(log_dir: Path, env: Dict[str, str], name: str = "worker_pool") -> tuple:
+    """Beam's process worker pool on a free port: (service, port). The caller waits for the port."""
+    port = free_port()
+    pool = start_service(
+        name, [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
+        log_dir, env,
+    )
+    return pool, port
+
+
 @contextlib.contextmanager
 def portable_services(log_dir: Path, startup_timeout_s: float = 60.0,
                       env: Optional[Dict[str, str]] = None) -> Iterator[PortableServices]:
@@ -230,12 +240,7 @@ def portable_services(log_dir: Path, startup_timeout_s: float = 60.0,
     py = sys.executable
     started: List[Service] = []
     try:
-        pool_port = free_port()
-        pool = start_service(
-            "worker_pool",
-            [py, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
-            log_dir, env,
-        )
+        pool, pool_port = start_worker_pool(log_dir, env)
         started.append(pool)
         job_port = free_port()
         job = start_service(

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 import _engines as E
+from _portable import read_probe_output, service_env
 from beam_tarimg.decoder_process import CRASH_TEST_ENV
 from beam_tarimg.sample import make_sample_dataset
 from conftest import digest, make_jpeg, write_tar
@@ -106,7 +107,7 @@ def token():
 
 @pytest.fixture(scope="module")
 def env(token):
-    return E.engine_env({CRASH_TEST_ENV: f"SIGSEGV:{CRASH_MARKER.hex()}", "BEAM_TARIMG_ENGINE_TEST": token})
+    return service_env({CRASH_TEST_ENV: f"SIGSEGV:{CRASH_MARKER.hex()}", "BEAM_TARIMG_ENGINE_TEST": token})
 
 
 def _probe(folder, out_prefix, flags, log_dir, env, name, engine=None):
@@ -118,8 +119,8 @@ def _probe(folder, out_prefix, flags, log_dir, env, name, engine=None):
         lines = [line for line in text.splitlines() if line.startswith(tag + " ")]
         assert lines, f"no {tag} line in the probe's output:\n{text[-3000:]}"
         out[tag] = json.loads(lines[-1][len(tag) + 1:])
-    images = E.read_jsonl(str(out_prefix) + "-images*")
-    failures = E.read_jsonl(str(out_prefix) + "-failures*")
+    images = read_probe_output(str(out_prefix) + "-images")
+    failures = read_probe_output(str(out_prefix) + "-failures")
     return images, failures, out
 
 
