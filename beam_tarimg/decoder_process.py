@@ -10,7 +10,7 @@ Protocol, over a Unix socket pair (length-prefixed pickles; only small metadata 
 in them, never pixels):
 
 1. parent -> child: the ``DaliDecoder`` arguments; child -> parent: ``("ready", builds)`` or ``("error", text)``.
-2. parent -> child: ``("decode", [bytes, ...], [decode.Plan as a tuple, or None, ...], [slot ids to unmap])``;
+2. parent -> child: ``("decode", [bytes, ...], [dali.Plan as a tuple, or None, ...], [slot ids to unmap])``;
    the child decodes them with the same ``DaliDecoder.decode`` that runs in-process (which checks each DALI
    image against its plan's frame size and orients it) and answers ``("decoded", [(shape|None, decoder,
    error)], builds)``.
@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from beam_tarimg.decode import DecodeOutcome
+from beam_tarimg.dali import DecodeOutcome
 
 _LOG = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def _child_main(fd: int) -> None:
     crash_request = _crash_request()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    from beam_tarimg.decode import DaliDecoder
+    from beam_tarimg.dali import DaliDecoder
 
     config = _recv(sock)
     try:

@@ -88,6 +88,39 @@ class ImageBatch:
         """Bytes of decoded pixels held by this batch."""
         return sum(image.image_data.nbytes for image in self.images)
 
+    @property
+    def pixels(self) -> Optional[np.ndarray]:
+        """All images as one array, shape ``(N,) + image shape`` (a model's input), when every image has the
+        same shape and dtype; None otherwise (or for an empty batch). No copy when the images lie one after the
+        other in one buffer (as the decoder hands them out: one run's pixels in one buffer); a stacked copy
+        otherwise."""
+        return stack_images([image.image_data for image in self.images])
+
+
+def stack_images(arrays: List[np.ndarray]) -> Optional[np.ndarray]:
+    """``arrays`` as one ``(N,) + shape`` array: a view when they are consecutive C-contiguous pieces of one
+    buffer, else ``np.stack``; None when there are none or their shapes or dtypes differ."""
+    if not arrays:
+        return None
+    first = arrays[0]
+    if any(a.shape != first.shape or a.dtype != first.dtype for a in arrays):
+        return None
+    n = len(arrays)
+    if all(a.flags.c_contiguous for a in arrays) and first.size:
+        start = first.__array_interface__["data"][0]
+        step = first.nbytes
+        if all(a.__array_interface__["data"][0] == start + i * step for i, a in enumerate(arrays)):
+            base = first
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            if base.flags.c_contiguous:
+                origin = base.__array_interface__["data"][0]
+                offset = start - origin
+                if offset >= 0 and offset + n * step <= base.nbytes:
+                    flat = base.reshape(-1).view(np.uint8)[offset : offset + n * step]
+                    return flat.view(first.dtype).reshape((n,) + first.shape)
+    return np.stack(arrays)
+
 
 class EncodedImage(NamedTuple):
     """One JPEG member read from a tar, not yet decoded."""
