@@ -14,10 +14,11 @@ The modules import one way: ``decode`` (this one) -> ``decoder_process`` -> ``da
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from beam_tarimg.dali import DaliDecoder, DecodeOutcome, Plan, dali_rejects, orient, plan_of  # noqa: F401 (public)
 from beam_tarimg.decoder_process import DecoderCrashed, DecoderProcess
@@ -34,6 +35,8 @@ ISOLATION = ("process", "none")
 DEFAULT_MAX_RUN_BYTES = 512 * 1024 * 1024
 # How long one run in the decoder process may take before the process is killed and the run split.
 DEFAULT_RUN_TIMEOUT_S = 120.0
+# Runs in flight in the decoder process: one it decodes, one queued for it while the caller reads the next.
+PIPELINE_DEPTH = 2
 
 
 def cuda_device_count() -> int:
@@ -209,6 +212,66 @@ class ImageDecoder:
         can hand each run's images on before the next run is decoded (what bounds memory: see
         ``max_run_bytes``). ``headers``: ``jpeg.parse_jpeg(blob, max_scans)`` of each input, when the caller
         has them already (the transforms' read stage does)."""
+        for _, run, outcomes in self.decode_stream([(None, encoded, headers)]):
+            yield run, outcomes
+
+    def decode_stream(
+        self, batches: Iterable[Tuple[Any, Sequence[bytes], Optional[Sequence[Optional[JpegHeader]]]]]
+    ) -> Iterator[Tuple[Any, List[int], List[DecodeOutcome]]]:
+        """``decode_runs`` over a stream of ``(key, encoded, headers)`` batches, pipelined: yields ``(key,
+        indices, outcomes)`` for each run in order, while the decoder process already decodes the next run
+        (``PIPELINE_DEPTH`` runs in flight). The next batch is taken from ``batches`` (read, for a lazy
+        iterable) while the decoder process decodes, and each run is yielded while the next one decodes. With
+        ``isolation="none"`` runs are decoded one at a time, in the calling thread."""
+        depth = PIPELINE_DEPTH if self._process is not None else 1
+        queue: "collections.deque[_Run]" = collections.deque()
+        source = iter(batches)
+        try:
+            while True:
+                while sum(1 for r in queue if r.positions is not None) < depth:
+                    try:
+                        key, encoded, headers = next(source)
+                    except StopIteration:
+                        break
+                    queue.extend(self._plan(key, encoded, headers))
+                    self._submit_ahead(queue, depth)  # decoding starts while the next batch is read
+                if not queue:
+                    return
+                self._submit_ahead(queue, depth)
+                r = queue.popleft()
+                if r.positions is None:
+                    outcomes = r.outcomes
+                elif self._process is None:
+                    with self._lock:
+                        outcomes = self._local.decode(r.encoded, r.plans)
+                else:
+                    outcomes = self._result(r)
+                yield r.key, r.run, outcomes
+                del outcomes
+        finally:
+            for r in queue:  # a consumer that stopped early: wait for what is in flight, so its slots free up
+                if r.ticket is not None:
+                    try:
+                        self._process.result(r.ticket)
+                    except DecoderCrashed:
+                        pass
+
+    def _submit_ahead(self, queue, depth: int) -> None:
+        """Hands the first ``depth`` runs of ``queue`` that are to be decoded to the decoder process."""
+        if self._process is None:
+            return
+        ahead = 0
+        for r in queue:
+            if r.positions is None:
+                continue
+            if r.ticket is None:
+                r.ticket = self._process.submit(r.encoded, r.plans, r.out_bytes)
+            ahead += 1
+            if ahead >= depth:
+                return
+
+    def _plan(self, key, encoded: Sequence[bytes], headers) -> List["_Run"]:
+        """The runs of one batch: first its refused inputs (decided, no decode), then its DALI runs."""
         # One walk over each image's markers gives its size (for the plan), what DALI must not see, and what
         # is refused without decoding (the read stage of the transforms has refused those already).
         if headers is None:
@@ -221,42 +284,64 @@ class ImageDecoder:
             reason = over_limits(header, d, self.max_pixels)  # the read stage's limits (jpeg.over_limits)
             if reason is not None:
                 refused[i] = DecodeOutcome(None, None, f"not decoded: {reason}")
-        del headers
+        runs: List[_Run] = []
         if refused:
-            yield list(refused), list(refused.values())
+            runs.append(_Run(key, list(refused), outcomes=list(refused.values())))
             keep = [i for i in range(len(encoded)) if i not in refused]
             sizes = [sizes[i] for i in keep]
         else:
             keep = None
         for run in plan_runs(sizes, self.max_batch_size, self._plan_bytes):
+            out_bytes = sum(sizes[p] for p in run)
             if keep is not None:
                 run = [keep[p] for p in run]
-            with self._lock:
-                if self._process is None:
-                    run_outcomes = self._local.decode([encoded[i] for i in run], [plans[i] for i in run])
-                else:
-                    run_outcomes = [None] * len(run)
-                    self._decode_contained(encoded, plans, run, list(range(len(run))), run_outcomes)
-            yield run, run_outcomes
+            runs.append(_Run(key, run, [encoded[i] for i in run], [plans[i] for i in run], out_bytes))
+        return runs
 
-    def _decode_contained(self, encoded, plans, run: List[int], positions: List[int], outcomes) -> None:
-        """Decodes ``run[p] for p in positions`` in the decoder process, into ``outcomes[p]``; when the process
-        dies, decodes the halves again (each in a new process) until the culprit stands alone."""
-        try:
-            results = self._process.decode([encoded[run[p]] for p in positions], [plans[run[p]] for p in positions])
-        except DecoderCrashed as crash:
-            self.crashes += 1
-            _LOG.warning("beam_tarimg: %s during a run of %d images; decoding them again in a new process",
-                         crash, len(positions))
-            if len(positions) == 1:
-                outcomes[positions[0]] = DecodeOutcome(None, None, str(crash))
+    def _result(self, r: "_Run") -> List[DecodeOutcome]:
+        """The outcomes of a run handed to the decoder process; a crash costs only its culprit."""
+        while True:
+            try:
+                return self._process.result(r.ticket)
+            except DecoderCrashed as crash:
+                if crash.lost:  # queued behind the run that crashed: never started, no suspect
+                    r.ticket = self._process.submit(r.encoded, r.plans, r.out_bytes)
+                    continue
+                self._count_crash(crash, len(r.run))
+                outcomes: List[Optional[DecodeOutcome]] = [None] * len(r.run)
+                half = len(r.run) // 2
+                if len(r.run) == 1:
+                    return [DecodeOutcome(None, None, str(crash))]
+                positions = list(range(len(r.run)))
+                self._decode_contained(r, positions[:half], outcomes)
+                self._decode_contained(r, positions[half:], outcomes)
+                return outcomes  # type: ignore[return-value]
+
+    def _decode_contained(self, r: "_Run", positions: List[int], outcomes) -> None:
+        """Decodes ``r``'s inputs at ``positions`` in the decoder process, into ``outcomes[p]``; when the
+        process dies, decodes the halves again (each in a new process) until the culprit stands alone."""
+        while True:
+            try:
+                results = self._process.decode([r.encoded[p] for p in positions], [r.plans[p] for p in positions])
+                break
+            except DecoderCrashed as crash:
+                if crash.lost:
+                    continue
+                self._count_crash(crash, len(positions))
+                if len(positions) == 1:
+                    outcomes[positions[0]] = DecodeOutcome(None, None, str(crash))
+                    return
+                half = len(positions) // 2
+                self._decode_contained(r, positions[:half], outcomes)
+                self._decode_contained(r, positions[half:], outcomes)
                 return
-            half = len(positions) // 2
-            self._decode_contained(encoded, plans, run, positions[:half], outcomes)
-            self._decode_contained(encoded, plans, run, positions[half:], outcomes)
-            return
         for p, outcome in zip(positions, results):
             outcomes[p] = outcome
+
+    def _count_crash(self, crash: DecoderCrashed, n: int) -> None:
+        with self._lock:
+            self.crashes += 1
+        _LOG.warning("beam_tarimg: %s during a run of %d images; decoding them again in a new process", crash, n)
 
     def close(self) -> None:
         """Stops the decoder process (if any) and frees the pipeline. The decoder cannot be used after it."""
@@ -265,3 +350,19 @@ class ImageDecoder:
                 self._process.close()
             self._local = None
 
+
+class _Run:
+    """One run of ``ImageDecoder.decode_stream``: ``run`` (indices into its batch ``key``) and either its
+    ``outcomes`` (inputs refused without decoding) or what to decode (``positions`` is then not None)."""
+
+    __slots__ = ("key", "run", "outcomes", "encoded", "plans", "out_bytes", "positions", "ticket")
+
+    def __init__(self, key, run, encoded=None, plans=None, out_bytes=0, outcomes=None):
+        self.key = key
+        self.run = run
+        self.outcomes = outcomes
+        self.encoded = encoded
+        self.plans = plans
+        self.out_bytes = out_bytes
+        self.positions = None if outcomes is not None else run
+        self.ticket = None

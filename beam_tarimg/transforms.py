@@ -262,51 +262,67 @@ class _DecodeBatchesFn(_SetupStateFn):
         self._counters.count("decoder_crashes", crashes)
 
     def _decode(self, batch: EncodedBatch) -> Iterator:
-        if not batch.images:
-            return
-        prefix = tar_display_name(batch.tar_path) + "/"
-        # One ImageBatch per DALI run, handed on before the next run: a batch cut short by max_run_bytes is
-        # emitted as it is, so that no more than one run's pixels are held here at a time.
-        start = time.perf_counter()
+        yield from self._decode_stream(iter([batch]), [])
+
+    def _decode_stream(self, batches: Iterator, side: list) -> Iterator:
+        """Decodes a stream of EncodedBatches, pipelined (``ImageDecoder.decode_stream``): one ImageBatch per
+        DALI run, handed on while the next run decodes; a batch cut short by max_run_bytes is emitted as it is.
+        What ``batches`` puts in ``side`` meanwhile (failures of the read stage) is emitted as it comes."""
         # In the fused read-and-decode step the read stage's marker walks come along (batch.headers); after a
         # shuffle they are None and the decoder walks the markers itself.
-        images_data = [image.data for image in batch.images]
-        for run, outcomes in self._shared.decoder.decode_runs(images_data, batch.headers):
+        stream = ((b, [image.data for image in b.images], b.headers) for b in batches if b.images)
+        start = time.perf_counter()
+        for batch, run, outcomes in self._shared.decoder.decode_stream(stream):
             self._decode_ms.update(int((time.perf_counter() - start) * 1000))
+            if side:
+                yield from side
+                side.clear()
             self._report_builds()
-            images = []
-            for i, outcome in zip(run, outcomes):
-                encoded = batch.images[i]
-                if outcome.pixels is None:
-                    self._counters.count("images_failed")
-                    yield TaggedOutput(
-                        FAILURES, ImageFailure(batch.tar_path, encoded.member, FailureStage.DECODE, outcome.error)
-                    )
-                    continue
-                self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
-                                     f"images_decoded_{outcome.decoder}")
-                images.append(
-                    ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata,
-                                encoded=encoded.data)
-                )
-            if images:
-                yield ImageBatch(batch.tar_path, images)
+            yield from self._emit(batch, run, outcomes)
             start = time.perf_counter()
+        yield from side
+        side.clear()
+
+    def _emit(self, batch: EncodedBatch, run, outcomes) -> Iterator:
+        prefix = tar_display_name(batch.tar_path) + "/"
+        images = []
+        for i, outcome in zip(run, outcomes):
+            encoded = batch.images[i]
+            if outcome.pixels is None:
+                self._counters.count("images_failed")
+                yield TaggedOutput(
+                    FAILURES, ImageFailure(batch.tar_path, encoded.member, FailureStage.DECODE, outcome.error)
+                )
+                continue
+            self._counters.count("images_decoded_fallback" if outcome.decoder == "pillow" else
+                                 f"images_decoded_{outcome.decoder}")
+            images.append(
+                ImageObject(prefix + encoded.member, encoded.image_id, outcome.pixels, encoded.metadata,
+                            encoded=encoded.data)
+            )
+        if images:
+            yield ImageBatch(batch.tar_path, images)
 
 
 class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
-    """Reads and decodes each tar in one step, one batch at a time (the counters of both DoFns above)."""
+    """Reads and decodes each tar in one step, pipelined: the next batch is read while one decodes (the
+    counters of both DoFns above)."""
 
     def __init__(self, read_config: _ReadConfig, decode_config: _DecodeConfig):
         super().__init__(decode_config)
         self._config = read_config
 
     def process(self, element) -> Iterator:
-        for event in _open_and_read(element, self._config, self._counters):
-            if isinstance(event, EncodedBatch):
-                yield from self._decode(event)
-            else:
-                yield event
+        side: list = []
+
+        def batches():
+            for event in _open_and_read(element, self._config, self._counters):
+                if isinstance(event, EncodedBatch):
+                    yield event
+                else:
+                    side.append(event)
+
+        yield from self._decode_stream(batches(), side)
 
 
 def is_local_runner(runner_name: str) -> bool:
