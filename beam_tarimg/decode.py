@@ -18,6 +18,7 @@ import collections
 import ctypes
 import logging
 import threading
+import time
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from beam_tarimg.dali import DaliDecoder, DecodeOutcome, Plan, dali_rejects, orient, plan_of  # noqa: F401 (public)
@@ -222,39 +223,20 @@ class ImageDecoder:
         indices, outcomes)`` for each run in order, while the decoder process already decodes the next run
         (``PIPELINE_DEPTH`` runs in flight). The next batch is taken from ``batches`` (read, for a lazy
         iterable) while the decoder process decodes, and each run is yielded while the next one decodes. With
-        ``isolation="none"`` runs are decoded one at a time, in the calling thread."""
-        depth = PIPELINE_DEPTH if self._process is not None else 1
-        queue: "collections.deque[_Run]" = collections.deque()
-        source = iter(batches)
+        ``isolation="none"`` runs are decoded one at a time, in the calling thread. ``stream()`` is the same,
+        for batches that are pushed rather than pulled."""
+        stream = self.stream()
         try:
-            while True:
-                while sum(1 for r in queue if r.positions is not None) < depth:
-                    try:
-                        key, encoded, headers = next(source)
-                    except StopIteration:
-                        break
-                    queue.extend(self._plan(key, encoded, headers))
-                    self._submit_ahead(queue, depth)  # decoding starts while the next batch is read
-                if not queue:
-                    return
-                self._submit_ahead(queue, depth)
-                r = queue.popleft()
-                if r.positions is None:
-                    outcomes = r.outcomes
-                elif self._process is None:
-                    with self._lock:
-                        outcomes = self._local.decode(r.encoded, r.plans)
-                else:
-                    outcomes = self._result(r)
-                yield r.key, r.run, outcomes
-                del outcomes
+            for key, encoded, headers in batches:
+                stream.add(key, encoded, headers)
+                yield from stream.ready()
+            yield from stream.ready(finish=True)
         finally:
-            for r in queue:  # a consumer that stopped early: wait for what is in flight, so its slots free up
-                if r.ticket is not None:
-                    try:
-                        self._process.result(r.ticket)
-                    except DecoderCrashed:
-                        pass
+            stream.close()
+
+    def stream(self) -> "DecodeStream":
+        """A ``DecodeStream`` on this decoder: ``add()`` batches as they come, take ``ready()`` runs."""
+        return DecodeStream(self, PIPELINE_DEPTH if self._process is not None else 1)
 
     def _submit_ahead(self, queue, depth: int) -> None:
         """Hands the first ``depth`` runs of ``queue`` that are to be decoded to the decoder process."""
@@ -269,6 +251,19 @@ class ImageDecoder:
             ahead += 1
             if ahead >= depth:
                 return
+
+    def _outcomes(self, r: "_Run") -> List[DecodeOutcome]:
+        if r.positions is None:
+            return r.outcomes
+        if self._process is None:
+            with self._lock:
+                started = time.perf_counter()
+                outcomes = self._local.decode(r.encoded, r.plans)
+                r.decode_s = time.perf_counter() - started
+                return outcomes
+        outcomes = self._result(r)
+        r.decode_s = r.ticket.decode_s
+        return outcomes
 
     def _plan(self, key, encoded: Sequence[bytes], headers) -> List["_Run"]:
         """The runs of one batch: first its refused inputs (decided, no decode), then its DALI runs."""
@@ -355,7 +350,7 @@ class _Run:
     """One run of ``ImageDecoder.decode_stream``: ``run`` (indices into its batch ``key``) and either its
     ``outcomes`` (inputs refused without decoding) or what to decode (``positions`` is then not None)."""
 
-    __slots__ = ("key", "run", "outcomes", "encoded", "plans", "out_bytes", "positions", "ticket")
+    __slots__ = ("key", "run", "outcomes", "encoded", "plans", "out_bytes", "positions", "ticket", "decode_s")
 
     def __init__(self, key, run, encoded=None, plans=None, out_bytes=0, outcomes=None):
         self.key = key
@@ -366,3 +361,51 @@ class _Run:
         self.out_bytes = out_bytes
         self.positions = None if outcomes is not None else run
         self.ticket = None
+        self.decode_s: Optional[float] = None  # the decode's own time (None: not decoded)
+
+
+class DecodeStream:
+    """Batches pushed in, runs taken out in order, ``depth`` runs in flight in the decoder process: what a
+    DoFn uses across its elements (``ImageDecoder.stream()``).
+
+    ``add(key, encoded, headers)`` plans a batch into runs and hands runs over up to ``depth``; ``ready()``
+    yields ``(key, indices, outcomes)`` for the runs that can be taken while ``depth - 1`` stay in flight (so
+    that the decoder process always has the next run), ``ready(finish=True)`` for all of them. ``close()``
+    waits for what is still in flight (a consumer that stopped early), so its shared memory frees up.
+    ``last_decode_s``: the decode time of the run ``ready()`` yielded last (the decoder process's own time for
+    it; None for inputs refused without decoding)."""
+
+    def __init__(self, decoder: ImageDecoder, depth: int):
+        self._decoder = decoder
+        self._depth = depth
+        self._queue: "collections.deque[_Run]" = collections.deque()
+        self.last_decode_s: Optional[float] = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, key, encoded: Sequence[bytes], headers=None) -> None:
+        self._queue.extend(self._decoder._plan(key, encoded, headers))
+        self._decoder._submit_ahead(self._queue, self._depth)  # decoding starts while the next batch is read
+
+    def ready(self, finish: bool = False) -> Iterator[Tuple[Any, List[int], List[DecodeOutcome]]]:
+        queue = self._queue
+        keep = 0 if finish else self._depth - 1
+        while queue and (queue[0].positions is None or sum(1 for r in queue if r.positions is not None) > keep):
+            self._decoder._submit_ahead(queue, self._depth)
+            r = queue.popleft()
+            outcomes = self._decoder._outcomes(r)
+            self.last_decode_s = r.decode_s
+            self._decoder._submit_ahead(queue, self._depth)
+            yield r.key, r.run, outcomes
+            del outcomes
+
+    def close(self) -> None:
+        process = self._decoder._process
+        while self._queue:
+            r = self._queue.popleft()
+            if r.ticket is not None:
+                try:
+                    process.result(r.ticket)
+                except DecoderCrashed:
+                    pass

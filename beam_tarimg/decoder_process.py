@@ -21,7 +21,7 @@ travel in them):
    with the same ``DaliDecoder.decode`` that runs in-process (which checks each DALI image against its plan's
    frame size and orients it), copies the pixels one after the other into the output slot, each into a region
    of exactly the shape it announces (the only copy of upright pixels: the parent hands out views of the slot),
-   and answers ``("decoded", run id, [(shape|None, dtype, decoder, error)], builds, overflow)``. When the
+   and answers ``("decoded", run id, [(shape|None, dtype, decoder, error)], builds, overflow, seconds)``. When the
    pixels do not fit the output slot (a header that claimed too little, or no header), the child writes them to
    a memfd of its own of ``overflow`` bytes, which follows the answer as SCM_RIGHTS data.
 
@@ -211,7 +211,7 @@ def _size_class(size: int) -> int:
 class _Ticket:
     """One run handed to the decoder process: what ``result()`` needs to answer it."""
 
-    __slots__ = ("id", "n", "out", "inp", "submitted", "reply", "crash", "done", "__weakref__")
+    __slots__ = ("id", "n", "out", "inp", "submitted", "reply", "crash", "done", "decode_s", "__weakref__")
 
     def __init__(self, run_id: int, n: int, out: Optional[_Slot], inp: Optional[_Slot]):
         self.id = run_id
@@ -222,6 +222,7 @@ class _Ticket:
         self.reply = None  # ("decoded", ...) and the overflow slot, once read
         self.crash: Optional[DecoderCrashed] = None
         self.done = False
+        self.decode_s = 0.0  # the decoder process's own time for the run
 
 
 def _signal_name(returncode: int) -> str:
@@ -505,7 +506,7 @@ class DecoderProcess:
             reply = _recv(self._sock, deadline, _MAX_REPLY)
             if reply[0] != "decoded" or reply[1] != ticket.id:
                 raise EOFError(f"unexpected reply {reply[:2]!r} to run {ticket.id}")
-            meta, self._builds_now, overflow = reply[2], reply[3], reply[4]
+            meta, self._builds_now, overflow, ticket.decode_s = reply[2], reply[3], reply[4], reply[5]
             if len(meta) != ticket.n:
                 raise EOFError(f"{len(meta)} outcomes for {ticket.n} images")
             total = sum(_nbytes(shape, dtype) for shape, dtype, _, _ in meta if shape is not None)
@@ -665,7 +666,9 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
             offset += n
         if crash_request is not None and any(crash_request[1] in bytes(blob) for blob in encoded):
             crash_request[0]()
+        started = time.perf_counter()
         outcomes = decoder.decode(encoded, plans)
+        decode_s = time.perf_counter() - started
         del encoded
         meta = [
             (None, None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.pixels.dtype.str,
@@ -688,7 +691,7 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
                     offset += n
             del out
         del outcomes  # release DALI's output before the next run
-        _send(sock, ("decoded", run_id, meta, decoder.builds, total if overflow else 0))
+        _send(sock, ("decoded", run_id, meta, decoder.builds, total if overflow else 0, decode_s))
         if overflow is not None:
             socket.send_fds(sock, [b"F"], [overflow[0]])
             overflow[1].close()

@@ -10,7 +10,6 @@ import posixpath
 import re
 import stat
 import threading
-import time
 from typing import Iterator, List, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -19,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
 from beam_tarimg.decode import DEFAULT_MAX_RUN_BYTES, DEFAULT_RUN_TIMEOUT_S, DEVICES, ISOLATION, ImageDecoder
@@ -232,7 +232,13 @@ class _DecodeBatchesFn(_SetupStateFn):
     """Decodes EncodedBatches into ImageBatches with one DALI pipeline per process (shared between the
     DoFn instances of that process; by default in a supervised decoder process). Counters: images_decoded_cpu,
     images_decoded_gpu, images_decoded_fallback, images_failed, decoders_built, dali_rebuilds, decoder_crashes;
-    distribution batch_decode_ms (per DALI run)."""
+    distribution batch_decode_ms (the decode time of each DALI run).
+
+    Pipelined across elements (``ImageDecoder.stream()``): an element's runs are handed to the decoder process
+    as it comes, and its images are emitted once the next run is in the decoder's hands (from a later
+    ``process()`` or from ``finish_bundle()``), each in the window and with the timestamp of its own element."""
+
+    _SETUP_STATE = _SetupStateFn._SETUP_STATE + ("_stream",)
 
     def __init__(self, config: _DecodeConfig):
         self._decode_config = config
@@ -244,9 +250,45 @@ class _DecodeBatchesFn(_SetupStateFn):
         self._shared = self._shared_handle.acquire(
             lambda: _SharedDecoder(self._decode_config), tag=self._decode_config
         )
+        self._stream = None
 
-    def process(self, batch: EncodedBatch) -> Iterator:
-        yield from self._decode(batch)
+    def start_bundle(self):
+        if self._stream is not None:  # a bundle that failed midway: let its runs in flight finish
+            self._stream.close()
+        self._stream = self._shared.decoder.stream()
+
+    def process(self, batch: EncodedBatch, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam) -> Iterator:
+        yield from self._add(batch, window, timestamp)
+
+    def finish_bundle(self) -> Iterator:
+        yield from self._ready(finish=True)
+        self._stream = None
+
+    def teardown(self):
+        if getattr(self, "_stream", None) is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _add(self, batch: EncodedBatch, window, timestamp) -> Iterator:
+        # In the fused read-and-decode step the read stage's marker walks come along (batch.headers); after a
+        # shuffle they are None and the decoder walks the markers itself.
+        if batch.images:
+            self._stream.add((batch, window, timestamp), [image.data for image in batch.images], batch.headers)
+        yield from self._ready(finish=False)
+
+    def _ready(self, finish: bool) -> Iterator:
+        """The runs the stream can hand back now, one ImageBatch each (a batch cut short by max_run_bytes is
+        emitted as it is, so that no more than a few runs' pixels are held here at a time)."""
+        for (batch, window, timestamp), run, outcomes in self._stream.ready(finish):
+            if self._stream.last_decode_s is not None:
+                self._decode_ms.update(int(self._stream.last_decode_s * 1000))
+            self._report_builds()
+            for out in self._emit(batch, run, outcomes):
+                if isinstance(out, TaggedOutput):
+                    yield TaggedOutput(out.tag, WindowedValue(out.value, timestamp, (window,)))
+                else:
+                    yield WindowedValue(out, timestamp, (window,))
 
     def _report_builds(self) -> None:
         s = self._shared
@@ -260,28 +302,6 @@ class _DecodeBatchesFn(_SetupStateFn):
             self._counters.count("decoders_built", 1 if first else 0)
             self._counters.count("dali_rebuilds", new - 1 if first else new)
         self._counters.count("decoder_crashes", crashes)
-
-    def _decode(self, batch: EncodedBatch) -> Iterator:
-        yield from self._decode_stream(iter([batch]), [])
-
-    def _decode_stream(self, batches: Iterator, side: list) -> Iterator:
-        """Decodes a stream of EncodedBatches, pipelined (``ImageDecoder.decode_stream``): one ImageBatch per
-        DALI run, handed on while the next run decodes; a batch cut short by max_run_bytes is emitted as it is.
-        What ``batches`` puts in ``side`` meanwhile (failures of the read stage) is emitted as it comes."""
-        # In the fused read-and-decode step the read stage's marker walks come along (batch.headers); after a
-        # shuffle they are None and the decoder walks the markers itself.
-        stream = ((b, [image.data for image in b.images], b.headers) for b in batches if b.images)
-        start = time.perf_counter()
-        for batch, run, outcomes in self._shared.decoder.decode_stream(stream):
-            self._decode_ms.update(int((time.perf_counter() - start) * 1000))
-            if side:
-                yield from side
-                side.clear()
-            self._report_builds()
-            yield from self._emit(batch, run, outcomes)
-            start = time.perf_counter()
-        yield from side
-        side.clear()
 
     def _emit(self, batch: EncodedBatch, run, outcomes) -> Iterator:
         prefix = tar_display_name(batch.tar_path) + "/"
@@ -305,24 +325,19 @@ class _DecodeBatchesFn(_SetupStateFn):
 
 
 class _ReadAndDecodeTarsFn(_DecodeBatchesFn):
-    """Reads and decodes each tar in one step, pipelined: the next batch is read while one decodes (the
-    counters of both DoFns above)."""
+    """Reads and decodes each tar in one step, pipelined: the next batch is read while one decodes, within a
+    tar and across the tars of a bundle (the counters of both DoFns above)."""
 
     def __init__(self, read_config: _ReadConfig, decode_config: _DecodeConfig):
         super().__init__(decode_config)
         self._config = read_config
 
-    def process(self, element) -> Iterator:
-        side: list = []
-
-        def batches():
-            for event in _open_and_read(element, self._config, self._counters):
-                if isinstance(event, EncodedBatch):
-                    yield event
-                else:
-                    side.append(event)
-
-        yield from self._decode_stream(batches(), side)
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam) -> Iterator:
+        for event in _open_and_read(element, self._config, self._counters):
+            if isinstance(event, EncodedBatch):
+                yield from self._add(event, window, timestamp)
+            else:
+                yield event
 
 
 def is_local_runner(runner_name: str) -> bool:
