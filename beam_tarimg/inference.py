@@ -267,7 +267,7 @@ class _FailedBatchToFailuresFn(beam.DoFn):
     def process(self, record) -> Iterator[ImageFailure]:
         batch, error = record
         self._batches.inc()
-        message = error[1] if isinstance(error, tuple) and len(error) > 1 else repr(error)
+        message = " ".join(str(error[1] if isinstance(error, tuple) and len(error) > 1 else error).split())
         images = list(batch)
         shapes = sorted({tuple(image.image_data.shape) for image in images})
         tar_path = getattr(batch, "tar_path", "")
