@@ -88,16 +88,18 @@ class Normalize:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.ndim != 4:
             raise ValueError(f"Normalize takes a batch (N, H, W, C), got shape {pixels.shape}")
-        x = pixels
-        if self.dtype == "float32":
-            x = x.astype(np.float32)  # a new array: the decode's buffer is never written
-            if self.mean is not None:
-                x -= self.mean
-            if self.std is not None:
-                x /= self.std
-        if self.layout == "CHW":
-            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        return x
+        x = pixels.transpose(0, 3, 1, 2) if self.layout == "CHW" else pixels
+        if self.dtype == "uint8":
+            return np.ascontiguousarray(x)  # HWC: the batch itself, no copy
+        per_channel = (-1, 1, 1) if self.layout == "CHW" else (-1,)
+        out = np.empty(x.shape, np.float32)  # one new array, written in two passes: the decode's is never written
+        if self.mean is not None:
+            np.subtract(x, self.mean.reshape(per_channel), out=out, dtype=np.float32)
+        else:
+            out[...] = x
+        if self.std is not None:
+            np.divide(out, self.std.reshape(per_channel), out=out)
+        return out
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std}, layout={self.layout!r}, dtype={self.dtype!r})"

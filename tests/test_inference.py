@@ -211,7 +211,12 @@ def test_normalize_matches_the_formula_and_refuses_bad_arguments():
     expected = ((pixels.astype(np.float32) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).transpose(0, 3, 1, 2)
     assert out.dtype == np.float32 and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
-    assert Normalize(dtype="uint8", layout="CHW")(pixels).dtype == np.uint8
+    np.testing.assert_array_equal(Normalize(mean=CLIP_MEAN, layout="HWC")(pixels),
+                                  pixels.astype(np.float32) - np.float32(CLIP_MEAN))
+    np.testing.assert_array_equal(Normalize(std=2)(pixels), pixels.astype(np.float32) / np.float32(2))
+    np.testing.assert_array_equal(Normalize()(pixels), pixels.astype(np.float32))
+    np.testing.assert_array_equal(Normalize(dtype="uint8", layout="CHW")(pixels), pixels.transpose(0, 3, 1, 2))
+    assert Normalize(dtype="uint8", layout="HWC")(pixels) is pixels  # nothing to do: no copy
     for kwargs in ({"mean": (1, 2)}, {"std": 0}, {"layout": "NCHW"}, {"dtype": "float16"},
                    {"dtype": "uint8", "mean": 1}):
         with pytest.raises(ValueError):
