@@ -162,3 +162,35 @@ def test_embed_resize_flags_need_beam_tarimgs_resize():
     else:
         with pytest.raises(UsageError, match="beam_tarimg.Resize"):
             model_input(args)
+
+
+def test_embed_job_with_resize__variable_size_jpegs_give_rows_equal_to_onnxruntime_on_the_same_resized_decode(
+        tmp_path, read_tars):
+    import beam_tarimg
+
+    if not hasattr(beam_tarimg, "Resize"):
+        pytest.skip("beam_tarimg.Resize (resize on decode) is not in this tree")
+    data = tmp_path / "in"
+    data.mkdir()
+    sizes = [(48, 40), (64, 30), (30, 64), (100, 75), (40, 48)]
+    jpegs = {f"v{i}": make_jpeg(200 + i, width=w, height=h) for i, (w, h) in enumerate(sizes)}
+    write_tar(data / "00000.tar", [(f"{k}.jpg", v) for k, v in jpegs.items()] + [("broken.jpg", CORRUPT)])
+    model = build_embedding_model(tmp_path / "model.onnx", height=24, width=24)  # a fixed input, as CLIP's
+    out = tmp_path / "out"
+    flags = ["--resize", "28", "--crop", "24", "--interpolation", "cubic", "--mean", ",".join(map(str, CLIP_MEAN)),
+             "--std", ",".join(map(str, CLIP_STD))]
+    proc = _cli("--input", str(data), "--output", str(out / "embeddings"), "--model", model, *flags,
+                "--failures", str(out / "failures.jsonl"), "--quiet", "--runner", "FnApiRunner")
+    assert proc.returncode == 0, proc.stderr
+    rows = pa.concat_tables([pq.read_table(out / f) for f in sorted(os.listdir(out)) if f.endswith(".parquet")])
+    got = {r["image_id"]: r["embedding"] for r in rows.to_pylist()}
+    assert sorted(got) == sorted(jpegs)
+    assert [json.loads(line)["member"] for line in (out / "failures.jsonl").read_text().splitlines()] == [
+        "broken.jpg"]
+    resize = beam_tarimg.Resize(28, crop=24, interpolation="cubic", dtype="float32", mean=CLIP_MEAN,
+                                std=CLIP_STD, layout="CHW")
+    decoded = {i.image_id: i.image_data for i in read_tars(str(data), resize=resize).images}
+    assert {a.shape for a in decoded.values()} == {(3, 24, 24)}
+    ids = sorted(jpegs)
+    direct = run_directly(model, np.stack([decoded[i] for i in ids]))
+    np.testing.assert_allclose(np.array([got[i] for i in ids], np.float32), direct, rtol=1e-5, atol=1e-6)
