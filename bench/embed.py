@@ -15,6 +15,10 @@ a linear layer to 16; ~11 M multiply-adds per 224x224 image), then:
   float32 CHW, mean/std), the ONNX Runtime session (``batch_inference_fn``), the rows (``_to_table``: the
   embeddings as an Arrow table), the Parquet writes (``ParquetWriter.write_table``) and the model load; the
   rest is Beam's own work and start-up.
+
+``--resize``: ImageNet-like JPEGs (``beam_tarimg.sample``), and the embed job with ``--resize 256 --crop 224``
+(``beam_tarimg.Resize``: the decode resizes, crops and normalises; no ``Normalize``); ``summarize`` still
+decodes at full size.
 """
 
 from __future__ import annotations
@@ -36,15 +40,16 @@ OUT = os.path.join(REPO, "bench", "results", "embed")
 CLIP = ["--mean", "122.770938,116.7460125,104.09373615", "--std", "68.5005327,66.6321579,70.32316305"]
 
 
-def build(images: int) -> tuple:
-    """(folder of the N-image set, folder naming it 4 times, model path), built once per N."""
+def build(images: int, imagenet: bool = False) -> tuple:
+    """(folder of the N-image set, folder naming it 4 times, model path), built once per N: 224x224 photo-like
+    JPEGs, or with ``imagenet`` ImageNet-like ones (300-560 x 250-480, ``beam_tarimg.sample``)."""
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import numpy as np
 
-    from beam_tarimg.sample import encode_jpeg, photo_like_image, write_tar
+    from beam_tarimg.sample import encode_jpeg, imagenet_like_jpeg, photo_like_image, write_tar
     from test_inference import build_embedding_model
 
-    base = os.path.join(OUT, f"set-{images}")
+    base = os.path.join(OUT, f"set-{'imagenet-' if imagenet else ''}{images}")
     four = base + "-x4"
     if not os.path.isdir(four):
         os.makedirs(base, exist_ok=True)
@@ -52,8 +57,9 @@ def build(images: int) -> tuple:
         rng = np.random.default_rng(0)
         for t in range((images + 99) // 100):
             n = min(100, images - 100 * t)
-            write_tar(os.path.join(base, f"{t:05d}.tar"),
-                      ((f"{100 * t + i:06d}.jpg", encode_jpeg(photo_like_image(rng, 224, 224))) for i in range(n)))
+            write_tar(os.path.join(base, f"{t:05d}.tar"), (
+                (f"{100 * t + i:06d}.jpg", imagenet_like_jpeg(rng, 100 * t + i) if imagenet else
+                 encode_jpeg(photo_like_image(rng, 224, 224))) for i in range(n)))
             for k in range(4):
                 os.symlink(os.path.join(base, f"{t:05d}.tar"), os.path.join(four, f"{k}-{t:05d}.tar"))
     model = os.path.join(OUT, "tiny-embedder.onnx")
@@ -62,13 +68,13 @@ def build(images: int) -> tuple:
     return base, four, model
 
 
-def _cli(job: str, data: str, model: str) -> float:
+def _cli(job: str, data: str, model: str, extra=()) -> float:
     """Seconds of pipeline time (the summary's, unrounded) of the job run in a fresh process."""
     out = os.path.join(OUT, "out")
     args = ["--input", data, "--quiet", "--runner", "FnApiRunner"]
     if job == "embed":
         args += ["--output", os.path.join(out, "embeddings"), "--model", model, "--overwrite", "--preview_rows", "0",
-                 *CLIP]
+                 *CLIP, *extra]
     code = (f"import json, sys\nfrom pipelines import {job}\ns = {job}.run(sys.argv[1:])\n"
             "print('SECONDS', s['seconds'])")
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
@@ -110,7 +116,7 @@ class _Timer:
         return call
 
 
-def profile(data: str, model: str) -> dict:
+def profile(data: str, model: str, extra=()) -> dict:
     """Runs the embed job in this process with its stages timed; returns seconds per stage and the total."""
     import pyarrow.parquet as pq
 
@@ -130,7 +136,7 @@ def profile(data: str, model: str) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # the job's summary: stdout is for the JSON
         summary = embed.run(["--input", data, "--output", os.path.join(OUT, "out-profile", "embeddings"), "--model",
                              model, "--overwrite", "--quiet", "--preview_rows", "0", "--runner", "FnApiRunner",
-                             *CLIP])
+                             *CLIP, *extra])
     total = time.perf_counter() - start
     seconds = dict(timer.seconds)
     seconds["decode (decoder process)"] = _DECODE_MS[-1] / 1000.0 if _DECODE_MS else float("nan")
@@ -165,20 +171,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.embed", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400, help="N: images in the set (default 400)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the end-to-end runs (default 3)")
+    parser.add_argument("--resize", action="store_true",
+                        help="ImageNet-like JPEGs, and the embed job with --resize 256 --crop 224 (beam_tarimg.Resize)")
     args = parser.parse_args(argv)
-    base, four, model = build(args.images)
+    base, four, model = build(args.images, imagenet=args.resize)
+    extra = ["--resize", "256", "--crop", "224"] if args.resize else []
     load = os.getloadavg()
     rows = collections.defaultdict(list)
     for _ in range(args.rounds):
         for job in ("summarize", "embed"):
-            t1, t4 = _cli(job, base, model), _cli(job, four, model)
+            t1, t4 = _cli(job, base, model, extra), _cli(job, four, model, extra)
             rows[job].append((args.images / t1, 3 * args.images / (t4 - t1)))
-    result = {"images": args.images, "load_before": load, "load_after": os.getloadavg(), "end_to_end": {
+    result = {"images": args.images, "resize": args.resize, "load_before": load, "load_after": os.getloadavg(), "end_to_end": {
         job: {"images_per_s_at_N": statistics.median(r[0] for r in runs),
               "marginal_images_per_s": statistics.median(r[1] for r in runs), "rounds": runs}
         for job, runs in rows.items()}}
     _capture_decode_ms()
-    result["profile"] = profile(four, model)
+    result["profile"] = profile(four, model, extra)
     print(json.dumps(result, indent=2))
     return 0
 
