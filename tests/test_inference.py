@@ -66,10 +66,12 @@ def run_directly(model_path: str, array: np.ndarray) -> np.ndarray:
     return session.run(None, {"pixels": np.ascontiguousarray(array)})[0]
 
 
-def _predict(tmp_path, source, handler, **read_kwargs):
-    """Reads ``source`` and runs ``RunInferenceOnImages(handler).with_failures()`` on the FnApiRunner; returns
-    (predictions, failures of reading and of the model, {image_id: decoded pixels} of the same decode)."""
+def _predict(tmp_path, source, handler, plain=False, **read_kwargs):
+    """Reads ``source`` and runs ``RunInferenceOnImages(handler).with_failures()`` (``plain``: Beam's own
+    ``RunInference(handler)``) on the FnApiRunner; returns (predictions, failures of reading and of the model,
+    {image_id: decoded pixels} of the same decode, counters)."""
     import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
 
     from beam_tarimg import ReadImagesFromTars
     from beam_tarimg.inference import RunInferenceOnImages
@@ -81,6 +83,8 @@ def _predict(tmp_path, source, handler, **read_kwargs):
         batches, read_failures = p | ReadImagesFromTars(str(source), **read_kwargs).with_failures()
         _ = batches | "KeepPixels" >> beam.FlatMap(
             lambda b: [(i.image_id, i.image_data.copy()) for i in b]) | beam.Map(_PickleTo(str(pixels_dir)))
+        if plain:
+            return batches | RunInference(handler), read_failures
         predictions, model_failures = batches | RunInferenceOnImages(handler).with_failures()
         return predictions, (read_failures, model_failures) | beam.Flatten()
 
@@ -124,6 +128,7 @@ def test_run_inference_on_image_batches__equals_onnxruntime_on_the_same_arrays_e
 
 
 def test_mixed_shapes__a_dynamic_model_takes_each_shape_group_a_fixed_one_fails_only_those_batches(tmp_path):
+    # The first half through Beam's own RunInference(handler), the second through RunInferenceOnImages.
     from beam_tarimg.inference import INFERENCE, Normalize, onnx_model_handler
 
     data = tmp_path / "in"
@@ -138,7 +143,7 @@ def test_mixed_shapes__a_dynamic_model_takes_each_shape_group_a_fixed_one_fails_
     dynamic = build_embedding_model(tmp_path / "dynamic.onnx", layout="HWC")
     (tmp_path / "a").mkdir()
     predictions, failures, pixels, _ = _predict(
-        tmp_path / "a", data, onnx_model_handler(dynamic, preprocess=normalize), batch_size=8)
+        tmp_path / "a", data, onnx_model_handler(dynamic, preprocess=normalize), plain=True, batch_size=8)
     assert failures == []
     assert sorted(p.image_id for p in predictions) == sorted([n[:-4] for n, _ in mixed + plain])
     for p in predictions:  # each image as if run alone
