@@ -20,6 +20,9 @@ _LAZY = {
     "ReadImagesFromParquet": "beam_tarimg.parquetio",
     "WriteImagesToTFRecord": "beam_tarimg.tfrecordio",
     "ReadImagesFromTFRecord": "beam_tarimg.tfrecordio",
+    "ImageBatchModelHandler": "beam_tarimg.inference",
+    "ImagePrediction": "beam_tarimg.inference",
+    "RunInferenceOnImages": "beam_tarimg.inference",
 }
 
 __all__ = [

@@ -3,10 +3,11 @@
     python -m pipelines.tar_to_parquet  --input data/ --output out/images --runner FnApiRunner
     python -m pipelines.tar_to_tfrecord --input 'gs://bucket/shards/*.tar' --output gs://bucket/out/images ...
     python -m pipelines.summarize       --input data/
+    python -m pipelines.embed           --input data/ --output out/embeddings --model model.onnx
 
 The flags are ``pipelines.options.TarImagesOptions``, each job taking its own set of them (``--help`` lists
 them); every other flag goes to Beam.
-This package holds the driver the three share: check the flags and paths, build and run the pipeline, then
+This package holds the driver they share: check the flags and paths, build and run the pipeline, then
 print a summary made from the pipeline's Beam metrics.
 """
 
@@ -24,6 +25,8 @@ class _DropBeamNoise(logging.Filter):
       ``--direct_runner_use_stacked_bundle`` beside our flags; the driver has checked every flag before the
       run), and ``No semi_persistent_directory found``, which concerns staged files that local runs have none of.
     - ``No shards found to finalize``: Beam's file sink with ``skip_if_empty``, i.e. no failures, no file.
+    - ``Resource module is not available``: Beam 2.77's RunInference (``pipelines.embed``) logs it for every
+      batch when PyTorch is not installed (its model manager's import fails, taking ``resource`` with it).
     """
 
     _WORKER_NOISE = ("Discarding unparseable args", "No semi_persistent_directory found",
@@ -31,7 +34,7 @@ class _DropBeamNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        if message.startswith("apitools not found"):
+        if message.startswith(("apitools not found", "Resource module is not available")):
             return False
         if record.name.startswith(("apache_beam.runners.portability", "apache_beam.io.filebasedsink")) and any(
             noise in message or any(noise in str(a) for a in (record.args or ())) for noise in self._WORKER_NOISE
@@ -88,10 +91,16 @@ def run_pipeline(
     preview: Optional[PreviewFn] = None,
     flags: Optional[Sequence[str]] = None,
     helps: Optional[Dict[str, str]] = None,
+    read_options: Optional[Callable[[object], Dict[str, object]]] = None,
 ) -> Dict[str, object]:
     """Checks the flags (the job's ``flags``, default all, with the job's ``helps``) and paths (raising
     UsageError before any work; before importing Beam where they are local), runs, prints and returns the
     summary.
+
+    ``make_sink(args)`` gives the transform that writes the ``ImageBatch``es: its output is the written file
+    names, or ``(file names, failures)`` for a sink that can lose images too (``pipelines.embed``: those the
+    model refused), whose failures join the read's. ``read_options(args)``, called after the flags' checks and
+    before Beam is imported (it may raise UsageError), gives more options for ``ReadAllImagesFromTars``.
 
     The summary's ``exit_code`` is 0, or ``EXIT_NOTHING_WRITTEN`` when tars matched but no image came out
     (``main_for`` exits with it after printing the failures by stage to stderr).
@@ -120,6 +129,7 @@ def run_pipeline(
         check_local_input(args.input)
     if args.failures and outputs.is_local(args.failures) and os.path.isdir(args.failures):
         raise UsageError(f"--failures {args.failures!r} is a directory; give a file path")
+    extra_read_options = read_options(args) if read_options is not None else {}
     check_reachable([("--input", args.input), ("--output", output), ("--failures", args.failures)], beam_args)
     remote = not all(outputs.is_local(p) for p in (output, args.failures) if p)
     if not remote:
@@ -146,6 +156,7 @@ def run_pipeline(
             device=args.device,
             extensions=args.extensions,
             include_metadata=args.include_metadata,
+            **extra_read_options,
         ).with_failures()
         sink = make_sink(args) if make_sink is not None else None
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
@@ -180,6 +191,9 @@ def run_pipeline(
     batches = batches | "ReportImages" >> beam.ParDo(steps.CountImagesFn())
     if sink is not None:
         written = batches | "WriteImages" >> sink
+        if isinstance(written, tuple):  # a sink that loses images too: its failures join the read's
+            written, sink_failures = written
+            failures = (failures, sink_failures) | "MergeFailures" >> beam.Flatten()
         _ = written | "RecordOutputFiles" >> beam.ParDo(steps.RecordOutputFileFn())
     lines = failures | "FailuresToJson" >> beam.ParDo(steps.FailureToJsonFn())
     if args.failures:
@@ -257,17 +271,24 @@ def _summary(result, seconds: float, runner: str, pattern: str, args, wrote: boo
         "tars_corrupt": counters.get("tars_corrupt", 0),
         "images_decoded": decoded,
         "images_written": counters.get("images_written", 0) if wrote else 0,
-        "images_failed": counters.get("images_failed", 0),
+        "images_failed": counters.get("images_failed", 0) + counters.get("images_failed_inference", 0),
         "failures": counters.get("failure_records", 0),
         "members_skipped": counters.get("members_skipped", 0),
         "decoder_crashes": counters.get("decoder_crashes", 0),
-        "failures_by_stage": {stage: counters[f"failures_{stage}"] for stage in FailureStage.ALL
+        "failures_by_stage": {stage: counters[f"failures_{stage}"] for stage in _stages(counters)
                               if counters.get(f"failures_{stage}")},
         "failure_examples": _examples(string_sets.get("failure_examples", ())),
         "seconds": round(seconds, 3),
         "images_per_second": round(images / seconds, 1) if seconds > 0 else 0.0,
         "counters": counters,
     }
+
+
+def _stages(counters: Dict[str, int]) -> List[str]:
+    """The read's failure stages in their order, then those of later steps (``inference``) by name."""
+    later = sorted(name[len("failures_"):] for name in counters
+                   if name.startswith("failures_") and name[len("failures_"):] not in FailureStage.ALL)
+    return [*FailureStage.ALL, *later]
 
 
 def _examples(values) -> List[dict]:
@@ -325,9 +346,10 @@ def print_summary(prog: str, s: Dict[str, object]) -> None:
         print(f"  failures file    {written}")
 
 
-def preview_lines(rows: List[dict]) -> List[str]:
-    """rows of {id, path, shape, metadata} as aligned text lines."""
-    table = [("image_id", "image_path", "shape", "metadata")]
+def preview_lines(rows: List[dict], headers: Sequence[str] = ("image_id", "image_path", "shape", "metadata")
+                  ) -> List[str]:
+    """rows of {id, path, shape, metadata} as aligned text lines, under ``headers``."""
+    table = [tuple(headers)]
     for row in rows:
         meta = row["metadata"]
         table.append((row["id"], row["path"], row["shape"], meta if len(meta) <= 70 else meta[:67] + "..."))

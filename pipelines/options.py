@@ -47,7 +47,12 @@ _BEAM_FLAGS_EPILOG = (
 SUMMARIZE_FLAGS = ("input", "batch_size", "num_threads", "device", "extensions", "include_metadata", "failures")
 TFRECORD_FLAGS = SUMMARIZE_FLAGS + ("output", "image_format", "jpeg_quality", "num_shards", "preview_rows")
 PARQUET_FLAGS = TFRECORD_FLAGS + ("row_group_mb", "codec")
-REQUIRED = ("input", "output")
+MODEL_INPUT_FLAGS = ("resize", "crop", "resize_mode", "interpolation", "mean", "std", "layout", "dtype")
+EMBED_FLAGS = SUMMARIZE_FLAGS + ("output", "num_shards", "preview_rows", "row_group_mb", "codec", "model",
+                                 *MODEL_INPUT_FLAGS)
+REQUIRED = ("input", "output", "model")
+RESIZE_MODES = ("shorter", "letterbox", "stretch")
+INTERPOLATIONS = ("linear", "cubic")
 
 # Help texts that differ by job (the defaults in _TarImagesFlags speak of a job that writes Parquet).
 SUMMARIZE_HELP = {
@@ -58,6 +63,14 @@ SUMMARIZE_HELP = {
 }
 TFRECORD_HELP = {
     "output": "path prefix of the output files, e.g. out/images gives out/images-00000-of-00004.tfrecord",
+}
+EMBED_HELP = {
+    "output": "path prefix of the output files, e.g. out/embeddings gives out/embeddings-00000-of-00004.parquet "
+              "(columns image_id, image_path, embedding: list<float32>)",
+    "batch_size": "images per DALI batch, and per model call (default 100)",
+    "row_group_mb": "close a Parquet row group at this many MiB of embeddings (default 64)",
+    "codec": "Parquet compression codec (default none)",
+    "preview_rows": "after the summary, print this many rows of the output (default 5; 0 for none)",
 }
 
 
@@ -125,6 +138,59 @@ class _TarImagesFlags:
             "--preview_rows", type=int, default=5,
             help="after the summary, print this many rows of the output (default 5; 0 for none)",
         )
+        parser.add_argument(
+            "--model", default=None, metavar="PATH",
+            help="the ONNX model (a file on any filesystem Beam knows, that you bring): its first input takes a "
+                 "batch of images, (N, 3, H, W) or (N, H, W, 3), and its first output gives each image's embedding",
+        )
+        parser.add_argument(
+            "--resize", type=_size, default=None, metavar="S|HxW",
+            help="resize on decode (beam_tarimg.Resize): S for the shorter side (--resize_mode shorter), or HxW. "
+                 "Without it every image goes to the model at its decoded size",
+        )
+        parser.add_argument("--crop", type=_size, default=None, metavar="S|HxW",
+                            help="after --resize, centre-crop to SxS or HxW (e.g. --resize 256 --crop 224)")
+        parser.add_argument("--resize_mode", default="shorter", choices=RESIZE_MODES,
+                            help="shorter: shorter side to --resize, keeping the aspect ratio (default); "
+                                 "letterbox: fit inside HxW and pad; stretch: exactly HxW")
+        parser.add_argument("--interpolation", default="linear", choices=INTERPOLATIONS,
+                            help="resize filter, antialiased (default linear; CLIP uses cubic)")
+        parser.add_argument("--mean", type=_floats, default=None, metavar="M|R,G,B",
+                            help="subtract this per channel, on the 0-255 scale (CLIP: 122.770938,116.7460125,"
+                                 "104.09373615)")
+        parser.add_argument("--std", type=_floats, default=None, metavar="S|R,G,B",
+                            help="then divide by this per channel, on the 0-255 scale (CLIP: 68.5005327,"
+                                 "66.6321579,70.32316305)")
+        parser.add_argument("--layout", default="CHW", choices=("CHW", "HWC"),
+                            help="the model's input layout: CHW gives (N, 3, H, W) (default), HWC (N, H, W, 3)")
+        parser.add_argument("--dtype", default="float32", choices=("float32", "uint8"),
+                            help="the model's input type (default float32; uint8: the pixels as decoded, for a "
+                                 "model that normalises them itself, without --mean/--std)")
+
+
+def _size(text: str):
+    """``"224"`` -> 224, ``"224x320"`` -> (224, 320) (height x width); every number >= 1."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or HxW with whole numbers >= 1, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _floats(text: str):
+    """``"0.5"`` or ``"122.8,116.7,104.1"`` -> a tuple of one or three finite floats."""
+    import math
+
+    try:
+        values = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected one number or three separated by commas, got {text!r}")
+    return values
 
 
 class _SomeFlags:
@@ -304,6 +370,12 @@ def _check_values(args: argparse.Namespace) -> None:
             raise UsageError(f"argument --{flag}: must be >= {minimum}, got {value}")
     if not 1 <= args.jpeg_quality <= 100:
         raise UsageError(f"argument --jpeg_quality: must be in [1, 100], got {args.jpeg_quality}")
+    if args.std is not None and min(args.std) <= 0:
+        raise UsageError(f"argument --std: must be > 0, got {','.join(map(str, args.std))}")
+    if args.dtype == "uint8" and (args.mean is not None or args.std is not None):
+        raise UsageError("--mean and --std need --dtype float32")
+    if args.crop is not None and args.resize is None:
+        raise UsageError("--crop needs --resize (e.g. --resize 256 --crop 224)")
     if args.row_group_mb > 1024:
         raise UsageError(f"argument --row_group_mb: must be at most 1024, got {args.row_group_mb}")
     try:
