@@ -124,6 +124,10 @@ class ImageDecoder:
         as a crash (split, the culprit a failure ``"decoder process timed out ..."``).
       max_scans: an image with more scans, or whose header claims more pixels than ``max_pixels`` or than
         its bytes can code (``jpeg.implausible``), is refused (an error outcome) without being decoded.
+      resize: a ``beam_tarimg.Resize`` applied to every image on the decode device (DALI, or the same transform
+        in the Pillow fallback: see ``beam_tarimg.resize``); None (default) gives the decoded images unchanged.
+        Runs are then planned by each image's decoded frame (still decoded at full size) plus twice its output
+        (DALI's output and its copy), against the same budget.
 
     ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
     ``builds`` counts the DALI pipelines built (one per decoder process started, plus one per bad batch);
@@ -131,8 +135,9 @@ class ImageDecoder:
 
     With ``isolation="process"`` the returned pixels are views of a shared-memory buffer that holds the
     whole run; with ``"none"``, views of DALI's output buffer of the run (an image turned for its EXIF
-    orientation: an array of its own). Either way an image kept after its
-    batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
+    orientation: an array of its own; with a ``resize``, the run's outputs copied one after the other into
+    one buffer). Either way an image kept after its batch is gone keeps that buffer alive: ``.copy()`` the
+    images you keep. Consecutive images of one buffer make ``ImageBatch.pixels`` a view, not a copy.
     """
 
     # False only to measure the crash containment on what the structure check would keep from DALI (the fuzz
@@ -152,6 +157,7 @@ class ImageDecoder:
         isolation: str = "process",
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
         max_scans: int = DEFAULT_MAX_SCANS,
+        resize=None,
     ):
         if max_run_bytes < 1:
             raise ValueError(f"max_run_bytes must be >= 1, got {max_run_bytes!r}")
@@ -167,8 +173,10 @@ class ImageDecoder:
             fallback=fallback,
             max_pixels=max_pixels,
             hw_decoder_load=hw_decoder_load,
+            resize=resize,
         )
         DaliDecoder.check_args(**config)
+        self.resize = resize
         self.max_batch_size = int(max_batch_size)
         self.max_run_bytes = int(max_run_bytes)
         self.max_pixels = max_pixels
@@ -187,7 +195,7 @@ class ImageDecoder:
             self._local = None
         else:
             self._process = None
-            self._local = DaliDecoder(**config)
+            self._local = DaliDecoder(**config, pack_outputs=True)  # a batch's images in one buffer
 
     @property
     def builds(self) -> int:
@@ -214,7 +222,7 @@ class ImageDecoder:
         if headers is None:
             headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
         dims = [_claimed_dimensions(blob, header) for blob, header in zip(encoded, headers)]
-        sizes = [0 if d is None else d[0] * d[1] * 3 for d in dims]
+        sizes = [self._planned_bytes(d) for d in dims]
         plans = [plan_of(header, self._check_before_dali) for header in headers]
         refused = {}
         for i, (header, d) in enumerate(zip(headers, dims)):
@@ -238,6 +246,14 @@ class ImageDecoder:
                     run_outcomes = [None] * len(run)
                     self._decode_contained(encoded, plans, run, list(range(len(run))), run_outcomes)
             yield run, run_outcomes
+
+    def _planned_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
+        """What decoding one image of ``dims`` (width, height) holds: its RGB frame, plus, with a resize, its output
+        twice (DALI's and the copy handed out)."""
+        if dims is None:
+            return 0
+        frame = dims[0] * dims[1] * 3
+        return frame if self.resize is None else frame + 2 * self.resize.output_nbytes(dims[1], dims[0])
 
     def _decode_contained(self, encoded, plans, run: List[int], positions: List[int], outcomes) -> None:
         """Decodes ``run[p] for p in positions`` in the decoder process, into ``outcomes[p]``; when the process

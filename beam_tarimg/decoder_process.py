@@ -13,7 +13,7 @@ in them, never pixels):
 2. parent -> child: ``("decode", [bytes, ...], [dali.Plan as a tuple, or None, ...], [slot ids to unmap])``;
    the child decodes them with the same ``DaliDecoder.decode`` that runs in-process (which checks each DALI
    image against its plan's frame size and orients it) and answers ``("decoded", [(shape|None, decoder,
-   error)], builds)``.
+   error, dtype str|None)], builds)``.
 3. If any pixels came out, parent -> child: ``("write", slot id, slot size, is_new)`` (a new slot's memfd follows
    as SCM_RIGHTS ancillary data); the child copies the pixels, one after the other, into that shared-memory
    slot, each into a region of exactly the shape it announced, and answers ``("written",)``. This copy is the
@@ -288,9 +288,9 @@ class DecoderProcess:
             meta, self._builds_now = reply[1], reply[2]
             if len(meta) != len(encoded):
                 raise EOFError(f"{len(meta)} outcomes for {len(encoded)} images")
-            total = sum(math.prod(shape) for shape, _, _ in meta if shape is not None)
+            total = sum(math.prod(shape) * np.dtype(dt).itemsize for shape, _, _, dt in meta if shape is not None)
             if not total:
-                return [DecodeOutcome(None, None, error) for _, _, error in meta]
+                return [DecodeOutcome(None, None, error) for _, _, error, _ in meta]
             slot = self._take_slot(total)
             new = slot.id not in self._mapped
             _send(sock, ("write", slot.id, slot.size, new), deadline)
@@ -320,12 +320,12 @@ class DecoderProcess:
         slot.run = weakref.ref(base)
         outcomes = []
         offset = 0
-        for shape, decoder, error in meta:
+        for shape, decoder, error, dt in meta:
             if shape is None:
                 outcomes.append(DecodeOutcome(None, None, error))
                 continue
-            n = math.prod(shape)
-            outcomes.append(DecodeOutcome(base[offset : offset + n].reshape(shape), decoder, None))
+            n = math.prod(shape) * np.dtype(dt).itemsize
+            outcomes.append(DecodeOutcome(base[offset : offset + n].view(dt).reshape(shape), decoder, None))
             offset += n
         return outcomes
 
@@ -455,7 +455,7 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
             crash_request[0]()
         outcomes = decoder.decode(encoded, plans)
         meta = [
-            (None, None, o.error) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None)
+            (None, None, o.error, None) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None, o.pixels.dtype.str)
             for o in outcomes
         ]
         _send(sock, ("decoded", meta, decoder.builds))
@@ -473,8 +473,8 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
         offset = 0
         for o in outcomes:
             if o.pixels is not None:
-                n = o.pixels.size
-                np.copyto(out[offset : offset + n].reshape(o.pixels.shape), o.pixels)
+                n = o.pixels.nbytes
+                np.copyto(out[offset : offset + n].view(o.pixels.dtype).reshape(o.pixels.shape), o.pixels)
                 offset += n
         del out, outcomes  # release the map's buffer and DALI's output before the next run
         _send(sock, ("written",))
