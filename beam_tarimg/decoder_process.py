@@ -455,7 +455,8 @@ def _serve(sock: socket.socket, decoder, crash_request) -> None:
             crash_request[0]()
         outcomes = decoder.decode(encoded, plans)
         meta = [
-            (None, None, o.error, None) if o.pixels is None else (tuple(o.pixels.shape), o.decoder, None, o.pixels.dtype.str)
+            (None, None, o.error, None) if o.pixels is None
+            else (tuple(o.pixels.shape), o.decoder, None, o.pixels.dtype.str)
             for o in outcomes
         ]
         _send(sock, ("decoded", meta, decoder.builds))
