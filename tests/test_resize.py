@@ -279,3 +279,70 @@ def test_read_images_from_tars__without_resize_the_outputs_are_the_decoded_image
         image = result.by_member()[f"{i:03d}.jpg"]
         assert image.image_data.dtype == np.uint8 and np.array_equal(image.image_data, pillow_rgb(photos[i]))
         assert image.encoded == photos[i]
+
+
+# -- the sinks ---------------------------------------------------------------------------------------------------
+
+
+def _decoded_batch(photos, r):
+    from beam_tarimg.types import ImageBatch, ImageObject
+
+    outcomes = DaliDecoder(max_batch_size=8, num_threads=2, device="cpu", resize=r).decode(photos[:6])
+    return ImageBatch("shard.tar", [ImageObject(f"shard.tar/{k}.jpg", str(k), o.pixels, {}, encoded=photos[k])
+                                    for k, o in enumerate(outcomes)])
+
+
+def test_sinks__write_resized_uint8_images_as_raw_png_and_jpeg_and_read_them_back(tmp_path, photos):
+    import apache_beam as beam
+
+    from beam_tarimg.parquetio import ReadImagesFromParquet, WriteImagesToParquet
+    from beam_tarimg.tfrecordio import ReadImagesFromTFRecord, WriteImagesToTFRecord
+
+    batch = _decoded_batch(photos, Resize((96, 128), mode="letterbox"))
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        batches = p | beam.Create([batch])
+        for fmt in ("raw", "png", "jpeg"):
+            _ = batches | f"Parquet-{fmt}" >> WriteImagesToParquet(str(tmp_path / f"pq-{fmt}"), image_format=fmt)
+            _ = batches | f"TFRecord-{fmt}" >> WriteImagesToTFRecord(str(tmp_path / f"tf-{fmt}"), image_format=fmt)
+    expected = {image.image_id: image.image_data for image in batch}
+
+    def same_images(fmt):
+        def check(batches):
+            got = {image.image_id: image.image_data for b in batches for image in b}
+            assert sorted(got) == sorted(expected)
+            for key, pixels in got.items():
+                assert pixels.shape == (96, 128, 3)
+                d = np.abs(pixels.astype(int) - expected[key])
+                assert d.max() == 0 if fmt != "jpeg" else d.mean() < 3, (fmt, key, d.mean(), d.max())  # lossy
+        return check
+
+    from apache_beam.testing.util import assert_that
+
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        for fmt in ("raw", "png", "jpeg"):
+            for name, reader in (("pq", ReadImagesFromParquet), ("tf", ReadImagesFromTFRecord)):
+                read = p | f"Read-{name}-{fmt}" >> reader(str(tmp_path / f"{name}-{fmt}*"))
+                assert_that(read, same_images(fmt), label=f"Check-{name}-{fmt}")
+
+
+def test_sinks__refuse_original_for_resized_images_and_float32_or_chw_pixels(photos):
+    from beam_tarimg import schema
+
+    resized = _decoded_batch(photos, Resize(64, crop=48))
+    for image in resized:
+        with pytest.raises(ValueError, match="as original: its pixels are 48x48 .*resized on decode"):
+            schema.image_payload(image, "original", 95)
+        schema.image_payload(image, "raw", 95)
+    untouched = [pillow_rgb(blob) for blob in photos[:8]]  # every orientation: 5-8 swap the stored frame
+    from beam_tarimg.types import ImageObject
+
+    for k, pixels in enumerate(untouched):
+        data, h, w, c = schema.image_payload(ImageObject(f"t/{k}", str(k), pixels, {}, photos[k]), "original", 95)
+        assert data is photos[k] and (h, w, c) == pixels.shape
+    floats = _decoded_batch(photos, Resize(64, crop=48, dtype="float32", mean=100, std=50))
+    chw = _decoded_batch(photos, Resize(64, crop=48, layout="CHW"))
+    for fmt in ("raw", "png", "jpeg", "original"):
+        with pytest.raises(ValueError, match="must be uint8 .*dtype='uint8'"):
+            schema.image_payload(floats[0], fmt, 95)
+        with pytest.raises(ValueError, match=r"\(3, 48, 48\): 48 channels \(CHW pixels\?\)"):
+            schema.image_payload(chw[0], fmt, 95)
