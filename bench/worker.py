@@ -186,8 +186,8 @@ def run_core(case, args) -> dict:
     if case.params.get("resize"):
         from beam_tarimg.resize import Resize
 
-        size, crop = case.params["resize"]
-        resize = Resize(size, crop=crop)
+        side, crop = case.params["resize"]
+        resize = Resize(side, crop=crop)
     start, cpu0 = time.perf_counter(), _cpu_tree()
     decoder = ImageDecoder(max_batch_size=bs, num_threads=threads, device="cpu", isolation=isolation, resize=resize)
     build_s = time.perf_counter() - start

@@ -299,6 +299,34 @@ def test_gpu_pixels_agree_with_the_cpu_path_on_an_imagenet_like_corpus(corpus, c
     assert max(means) <= MAX_MEAN_ABS_DIFF, worst
 
 
+@gpu
+@needs_cuda
+def test_gpu_resize_agrees_with_the_cpu_resize_and_gives_one_array_per_batch(corpus):
+    # Resize on decode runs on the GPU (fn.resize/fn.slice/fn.crop_mirror_normalize on the "mixed" decoder's
+    # output) before the copy to host; the geometry is planned on the oriented image, so the 8 orientations too.
+    from beam_tarimg.resize import Resize
+    from beam_tarimg.types import stack_images
+
+    base = photo_like_image(np.random.default_rng(7), 301, 203)  # odd sizes: odd crop margins
+    data = [d for _, d in corpus[:40]] + [encode_jpeg(base, quality=95, exif_orientation=k) for k in range(1, 9)]
+    imagenet = dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    for r in (Resize(256, crop=224), Resize((224, 288), mode="letterbox", dtype="float32", layout="CHW", **imagenet)):
+        gpu_out = ImageDecoder(max_batch_size=32, device=DEVICE, resize=r).decode(data)
+        cpu_out = ImageDecoder(max_batch_size=32, device="cpu", resize=r).decode(data)
+        means = []
+        for k, (g, c) in enumerate(zip(gpu_out, cpu_out)):
+            assert g.decoder == DEVICE and c.decoder == "cpu", (k, g.error, c.error)
+            assert g.pixels.shape == c.pixels.shape and g.pixels.dtype == c.pixels.dtype == np.dtype(r.dtype)
+            scale = np.asarray(r.std or (1.0,) * 3).reshape((3, 1, 1) if r.layout == "CHW" else (1, 1, 3))
+            means.append(float(np.abs(g.pixels.astype(np.float64) - c.pixels).mean() * scale.mean()))
+        print(f"\nresize {r.mode} {r.dtype} {r.layout}: GPU vs CPU max per-image mean |diff| {max(means):.3f} "
+              f"(uint8 units) over {len(means)} images")
+        assert max(means) <= MAX_MEAN_ABS_DIFF
+        arrays = [g.pixels for g in gpu_out[:32]]  # one decode run
+        stacked = stack_images(arrays)
+        assert stacked is not None and all(np.shares_memory(stacked, a) for a in arrays)
+
+
 # EXIF orientation k (1..8) -> what the decoded image must be, from the upright pixels (PIL's exif_transpose).
 _ORIENT = {
     1: lambda a: a,

@@ -136,7 +136,7 @@ def test_resize_without_antialias__the_pillow_fallback_matches_dali(interpolatio
     for blob, outcome in zip(photos[:16], dali):
         fallback = _pillow_decode(blob, DEFAULT_MAX_PIXELS, None, resize=r).pixels
         d = np.abs(outcome.pixels.astype(int) - fallback.astype(int))
-        assert d.mean() < 0.5 and d.max() <= 8, (d.mean(), d.max())
+        assert d.mean() < 0.25 and d.max() <= 1, (d.mean(), d.max())  # measured: 0.1 / 1 over the 50
 
 
 def test_resize__the_geometry_follows_the_exif_orientation_on_every_path():
