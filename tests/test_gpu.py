@@ -13,7 +13,9 @@ every process below it (NVML or nvidia-smi by pid), else for the whole device. T
 a known crasher (every good image comes out, the crasher is exactly one outcome), and a SIGSEGV sent to the
 decoder's decode process mid-batch (skipped where DALI runs in the test's own process).
 
-One test, ``test_device_selection_follows_the_visible_cuda_devices``, runs everywhere.
+Two tests run everywhere: ``test_device_selection_follows_the_visible_cuda_devices``, and
+``test_resize_ops_take_the_mixed_decoders_gpu_output_and_stay_on_the_gpu`` (defines, without building, the
+GPU pipeline of a resize on decode).
 """
 
 from __future__ import annotations
@@ -117,6 +119,30 @@ def test_device_selection_follows_the_visible_cuda_devices(monkeypatch):
     assert outcome.error is None and outcome.decoder == expected
     assert outcome.pixels.shape == (30, 40, 3) and outcome.pixels.dtype == np.uint8
     assert _mean_abs_diff(outcome.pixels, image) < 4.0  # the image it was encoded from, at quality 95
+
+
+@pytest.mark.parametrize("resize_kwargs", [
+    dict(size=256, crop=224),
+    dict(size=(224, 288), mode="letterbox", dtype="float32", layout="CHW", mean=(1, 2, 3), std=(4, 5, 6)),
+    dict(size=200, layout="CHW"),
+])
+def test_resize_ops_take_the_mixed_decoders_gpu_output_and_stay_on_the_gpu(resize_kwargs):
+    # Without a GPU the pipeline cannot be built, but its graph can be defined: DALI places each op there and
+    # refuses a CPU op fed a GPU output. The resize must run on the GPU, before the copy to host; the decoded
+    # frame's shape (the check against the header) is a CPU output.
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from beam_tarimg.dali import _resize_ops
+    from beam_tarimg.resize import Resize
+
+    pipe = Pipeline(batch_size=4, num_threads=2, device_id=0, prefetch_queue_depth=1)
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=False)
+        resized, frame = _resize_ops(images, Resize(**resize_kwargs)), images.shape()
+        pipe.set_outputs(resized, frame)
+    assert (resized.device, frame.device) == ("gpu", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
