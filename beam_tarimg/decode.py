@@ -226,7 +226,7 @@ class ImageDecoder:
         plans = [plan_of(header, self._check_before_dali) for header in headers]
         refused = {}
         for i, (header, d) in enumerate(zip(headers, dims)):
-            reason = over_limits(header, d, self.max_pixels)  # the read stage's limits (jpeg.over_limits)
+            reason = self._over_limits(header, d)  # the read stage's limits (jpeg.over_limits), and the resize's
             if reason is not None:
                 refused[i] = DecodeOutcome(None, None, f"not decoded: {reason}")
         del headers
@@ -246,6 +246,16 @@ class ImageDecoder:
                     run_outcomes = [None] * len(run)
                     self._decode_contained(encoded, plans, run, list(range(len(run))), run_outcomes)
             yield run, run_outcomes
+
+    def _over_limits(self, header: Optional[JpegHeader], dims: Optional[Tuple[int, int]]) -> Optional[str]:
+        """``jpeg.over_limits``; with a resize, also an output over ``max_pixels`` (a 10000x1 image resized to a
+        shorter side of 256 would be 256x2560000)."""
+        reason = over_limits(header, dims, self.max_pixels)
+        if reason is None and dims is not None and self.resize is not None:
+            shape = self.resize.output_shape(dims[1], dims[0])
+            if shape[0] * shape[1] * shape[2] // 3 > self.max_pixels:
+                reason = f"{self.resize} would make it {shape}, over max_pixels={self.max_pixels}"
+        return reason
 
     def _planned_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
         """What decoding one image of ``dims`` (width, height) holds: its RGB frame, plus, with a resize, its output

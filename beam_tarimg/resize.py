@@ -8,7 +8,7 @@ Beam-free and numpy-only at import (Pillow is imported where an image is resized
   the decode device (the GPU's ``"mixed"`` decoder output, before the copy to host; the CPU in the decoder
   process). DALI decodes the stored frame; the geometry is computed here on the EXIF-oriented image and mapped
   back onto the stored frame (``stored_geometry``), and the small output is oriented afterwards in numpy
-  (``orient_output``).
+  (``dali.orient_output``).
 * Pillow (``apply_pillow``), for images DALI rejects or whose decoded frame differs from the header: Pillow's
   decode, ``ImageOps.exif_transpose``, ``Image.resize`` with the matching filter (``BILINEAR``/``BICUBIC``,
   ``reducing_gap=None``; without antialiasing a numpy resampler of DALI's kind), then the same crop/pad,
@@ -252,22 +252,6 @@ def take_window(pixels: np.ndarray, window: Optional[Tuple[int, int, int, int]],
     if r1 > r0 and c1 > c0:
         out[r0 - top : r1 - top, c0 - left : c1 - left] = pixels[r0:r1, c0:c1]
     return out
-
-
-def orient_output(pixels: np.ndarray, orientation: int, layout: str) -> np.ndarray:
-    """An output made on the stored frame (HWC or CHW, any dtype), moved as Pillow's ``exif_transpose`` moves
-    the image for EXIF ``orientation``: the same array for 1, else a new C-contiguous one."""
-    from beam_tarimg.dali import _MOVES
-
-    move = _MOVES.get(orientation)
-    if move is None:
-        return pixels
-    if layout == "CHW":
-        return np.ascontiguousarray(np.stack([move(plane) for plane in pixels]))
-    c = pixels.shape[2]
-    items = np.ascontiguousarray(pixels).view(np.dtype((np.void, c * pixels.dtype.itemsize)))[..., 0]
-    moved = np.ascontiguousarray(move(items))
-    return moved.view(pixels.dtype).reshape(moved.shape + (c,))
 
 
 def _taps(n_in: int, n_out: int, cubic: bool):

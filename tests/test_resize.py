@@ -346,3 +346,15 @@ def test_sinks__refuse_original_for_resized_images_and_float32_or_chw_pixels(pho
             schema.image_payload(floats[0], fmt, 95)
         with pytest.raises(ValueError, match=r"\(3, 48, 48\): 48 channels \(CHW pixels\?\)"):
             schema.image_payload(chw[0], fmt, 95)
+
+
+def test_image_decoder__refuses_an_image_whose_resized_output_would_be_over_max_pixels():
+    thin = make_jpeg(3, 2000, 8)  # shorter side 8 -> 256: 256 x 64,000
+    decoder = ImageDecoder(4, 2, device="cpu", isolation="none", resize=Resize(256), max_pixels=10_000_000)
+    try:
+        (refused, fine) = decoder.decode([thin, make_jpeg(4, 80, 60)])
+    finally:
+        decoder.close()
+    assert refused.pixels is None and refused.error.startswith("not decoded: Resize(size=256") and "(256, 64000, 3)" \
+        in refused.error and "over max_pixels=10000000" in refused.error
+    assert fine.pixels.shape == (256, 341, 3)
