@@ -358,3 +358,26 @@ def test_image_decoder__refuses_an_image_whose_resized_output_would_be_over_max_
     assert refused.pixels is None and refused.error.startswith("not decoded: Resize(size=256") and "(256, 64000, 3)" \
         in refused.error and "over max_pixels=10000000" in refused.error
     assert fine.pixels.shape == (256, 341, 3)
+
+
+def test_dali_decoder__images_dali_fails_or_decodes_to_another_size_get_the_same_resize_from_pillow(photos):
+    from beam_tarimg.dali import Plan, plan_of
+    from beam_tarimg.jpeg import parse_jpeg
+
+    blob = photos[5]  # EXIF orientation 6
+    good = plan_of(parse_jpeg(blob))
+    dqt = blob.index(b"\xff\xdb")
+    rejected = blob[:dqt] + b"\x00\x01" + blob[dqt:]  # junk before a marker: DALI's parser fails the run
+    r = Resize(256, crop=224, dtype="float32", layout="CHW", **IMAGENET)
+    decoder = DaliDecoder(max_batch_size=8, num_threads=2, device="cpu", resize=r)
+    plans = [plan_of(parse_jpeg(photos[0])),
+             Plan(None, *good[1:]),  # past the structure check, which would send it to Pillow directly
+             Plan(None, good.height + 1, good.width, good.orientation),  # a frame size DALI will not decode
+             plan_of(parse_jpeg(photos[2]))]
+    outcomes = decoder.decode([photos[0], rejected, blob, photos[2]], plans)
+    assert [o.decoder for o in outcomes] == ["cpu", "pillow", "pillow", "cpu"], [o.error for o in outcomes]
+    assert decoder.builds > 1  # the failed run was rebuilt and split
+    expected = as_pixels(reference(blob, r), Resize(1, layout="CHW"))
+    for outcome in outcomes[1:3]:
+        assert outcome.pixels.shape == (3, 224, 224)
+        assert np.abs(as_pixels(outcome.pixels, r) - expected).max() < 1e-3
