@@ -16,6 +16,7 @@ _LAZY = {
     "ImageBatchCoder": "beam_tarimg.coders",
     "EncodedBatchCoder": "beam_tarimg.coders",
     "ImageDecoder": "beam_tarimg.decode",
+    "Resize": "beam_tarimg.resize",
     "WriteImagesToParquet": "beam_tarimg.parquetio",
     "ReadImagesFromParquet": "beam_tarimg.parquetio",
     "WriteImagesToTFRecord": "beam_tarimg.tfrecordio",

@@ -4,6 +4,11 @@ Layout (all integers little-endian): a version byte, the tar path, the image cou
 strings, its metadata as sorted-key JSON (pickle only for metadata that JSON would change), and its payload
 (for an ImageObject: its pixels, then its ``encoded`` bytes, if any). Decoded pixel arrays are read-only views of
 the encoded bytes (no copy).
+
+An ImageBatch whose images all share one shape and dtype (a fixed-shape resize on decode) is written as one
+block instead: that dtype and shape once, then per image only its strings, metadata and ``encoded`` bytes, then
+all the pixels one after the other (``ImageBatch.pixels``), aligned to 64 bytes of the payload's start. Its
+images decode to consecutive views of that block, so ``ImageBatch.pixels`` stays a view after a coder.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from apache_beam import coders
 
 from beam_tarimg.types import EncodedBatch, EncodedImage, ImageBatch, ImageObject
 
-_VERSION = 2  # 2: ImageObject.encoded travels after the pixels
+_VERSION = 3  # 2: ImageObject.encoded travels after the pixels; 3: a uniform ImageBatch's pixels as one block
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _META_JSON = 0
 _META_PICKLE = 1
 _PER_IMAGE_OVERHEAD = 64  # a generous bound on the framing bytes of one image, for estimate_size
 _EMPTY_META = bytes((_META_JSON,)) + _U32.pack(2) + b"{}"
+_PER_IMAGE, _BLOCK = 0, 1  # how an ImageBatch's pixels are laid out
+_BLOCK_ALIGN = 64
 
 
 def _put_str(parts: List[bytes], s: str) -> None:
@@ -95,43 +102,75 @@ class _Reader:
         return self.str(), self.u32()
 
 
+def _put_array_header(parts: List[bytes], a: np.ndarray) -> None:
+    _put_str(parts, a.dtype.str)
+    parts.append(bytes((a.ndim,)))
+    parts.extend(_U64.pack(d) for d in a.shape)
+
+
+def _put_encoded(parts: List[bytes], encoded) -> None:
+    if encoded is None:
+        parts.append(_U64.pack(0))
+    else:
+        parts.append(_U64.pack(len(encoded) + 1))
+        parts.append(encoded)
+
+
+def _take_encoded(r: _Reader):
+    n_encoded = r.u64()
+    return bytes(r.take(n_encoded - 1)) if n_encoded else None
+
+
 class ImageBatchCoder(coders.Coder):
     """Deterministic coder for ``ImageBatch``: raw pixel bytes plus dtype and shape per image, then the image's
-    ``encoded`` bytes (length + 1, 0 meaning None)."""
+    ``encoded`` bytes (length + 1, 0 meaning None); for a batch of one shape and dtype, one block of pixels
+    (see the module docstring)."""
 
     def encode(self, batch: ImageBatch) -> bytes:
         parts: List[bytes] = [bytes((_VERSION,))]
         _put_str(parts, batch.tar_path)
         parts.append(_U32.pack(len(batch.images)))
-        for image in batch.images:
+        arrays = [np.ascontiguousarray(image.image_data) for image in batch.images]
+        uniform = len(arrays) > 1 and all(a.shape == arrays[0].shape and a.dtype == arrays[0].dtype for a in arrays)
+        parts.append(bytes((_BLOCK if uniform else _PER_IMAGE,)))
+        if uniform:
+            _put_array_header(parts, arrays[0])
+        for image, a in zip(batch.images, arrays):
             _put_str(parts, image.image_path)
             _put_str(parts, image.image_id)
             _put_meta(parts, image.metadata)
-            a = np.ascontiguousarray(image.image_data)
-            _put_str(parts, a.dtype.str)
-            parts.append(bytes((a.ndim,)))
-            parts.extend(_U64.pack(d) for d in a.shape)
-            parts.append(_U64.pack(a.nbytes))
-            parts.append(a.data if a.nbytes else b"")
-            if image.encoded is None:
-                parts.append(_U64.pack(0))
-            else:
-                parts.append(_U64.pack(len(image.encoded) + 1))
-                parts.append(image.encoded)
+            if not uniform:
+                _put_array_header(parts, a)
+                parts.append(_U64.pack(a.nbytes))
+                parts.append(a.data if a.nbytes else b"")
+            _put_encoded(parts, image.encoded)
+        if uniform:  # the pixels one after the other: one block, however they lay in memory
+            head = sum(len(p) for p in parts) + _U64.size + 1
+            pad = -head % _BLOCK_ALIGN
+            parts.append(_U64.pack(sum(a.nbytes for a in arrays)))
+            parts.append(bytes((pad,)) + bytes(pad))
+            parts.extend(a.data for a in arrays if a.nbytes)
         return b"".join(parts)
 
     def decode(self, encoded: bytes) -> ImageBatch:
         r = _Reader(encoded)
         tar_path, n = r.header()
+        layout = r.u8()
+        if layout == _BLOCK:
+            dtype = np.dtype(r.str())
+            shape = tuple(r.u64() for _ in range(r.u8()))
+            heads = [(r.str(), r.str(), r.meta(), _take_encoded(r)) for _ in range(n)]
+            size = r.u64()
+            r.take(r.u8())  # the alignment padding
+            block = np.frombuffer(r.take(size), dtype=dtype).reshape((n,) + shape)
+            return ImageBatch(tar_path, [ImageObject(p, i, block[k], m, e) for k, (p, i, m, e) in enumerate(heads)])
         images = []
         for _ in range(n):
             path, image_id, meta = r.str(), r.str(), r.meta()
             dtype = np.dtype(r.str())
             shape = tuple(r.u64() for _ in range(r.u8()))
             data = np.frombuffer(r.take(r.u64()), dtype=dtype).reshape(shape)
-            n_encoded = r.u64()
-            encoded = bytes(r.take(n_encoded - 1)) if n_encoded else None
-            images.append(ImageObject(path, image_id, data, meta, encoded))
+            images.append(ImageObject(path, image_id, data, meta, _take_encoded(r)))
         return ImageBatch(tar_path, images)
 
     def is_deterministic(self) -> bool:

@@ -128,6 +128,10 @@ class ImageDecoder:
         as a crash (split, the culprit a failure ``"decoder process timed out ..."``).
       max_scans: an image with more scans, or whose header claims more pixels than ``max_pixels`` or than
         its bytes can code (``jpeg.implausible``), is refused (an error outcome) without being decoded.
+      resize: a ``beam_tarimg.Resize`` applied to every image on the decode device (DALI, or the same transform
+        in the Pillow fallback: see ``beam_tarimg.resize``); None (default) gives the decoded images unchanged.
+        Runs are then planned by each image's decoded frame (still decoded at full size) plus twice its output
+        (DALI's output and its copy), against the same budget.
 
     ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
     ``builds`` counts the DALI pipelines built (one per decoder process started, plus one per bad batch);
@@ -135,8 +139,9 @@ class ImageDecoder:
 
     With ``isolation="process"`` the returned pixels are views of a shared-memory buffer that holds the
     whole run; with ``"none"``, views of DALI's output buffer of the run (an image turned for its EXIF
-    orientation: an array of its own). Either way an image kept after its
-    batch is gone keeps that buffer alive: ``.copy()`` the images you keep.
+    orientation: an array of its own; with a ``resize``, the run's outputs copied one after the other into
+    one buffer). Either way an image kept after its batch is gone keeps that buffer alive: ``.copy()`` the
+    images you keep. Consecutive images of one buffer make ``ImageBatch.pixels`` a view, not a copy.
     """
 
     # False only to measure the crash containment on what the structure check would keep from DALI (the fuzz
@@ -156,6 +161,7 @@ class ImageDecoder:
         isolation: str = "process",
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
         max_scans: int = DEFAULT_MAX_SCANS,
+        resize=None,
     ):
         if max_run_bytes < 1:
             raise ValueError(f"max_run_bytes must be >= 1, got {max_run_bytes!r}")
@@ -171,8 +177,10 @@ class ImageDecoder:
             fallback=fallback,
             max_pixels=max_pixels,
             hw_decoder_load=hw_decoder_load,
+            resize=resize,
         )
         DaliDecoder.check_args(**config)
+        self.resize = resize
         self.max_batch_size = int(max_batch_size)
         self.max_run_bytes = int(max_run_bytes)
         self.max_pixels = max_pixels
@@ -191,7 +199,7 @@ class ImageDecoder:
             self._local = None
         else:
             self._process = None
-            self._local = DaliDecoder(**config)
+            self._local = DaliDecoder(**config, pack_outputs=True)  # a batch's images in one buffer
 
     @property
     def builds(self) -> int:
@@ -272,11 +280,11 @@ class ImageDecoder:
         if headers is None:
             headers = [parse_jpeg(blob, self.max_scans) for blob in encoded]
         dims = [_claimed_dimensions(blob, header) for blob, header in zip(encoded, headers)]
-        sizes = [0 if d is None else d[0] * d[1] * 3 for d in dims]
+        sizes = [self._planned_bytes(d) for d in dims]
         plans = [plan_of(header, self._check_before_dali) for header in headers]
         refused = {}
         for i, (header, d) in enumerate(zip(headers, dims)):
-            reason = over_limits(header, d, self.max_pixels)  # the read stage's limits (jpeg.over_limits)
+            reason = self._over_limits(header, d)  # the read stage's limits (jpeg.over_limits), and the resize's
             if reason is not None:
                 refused[i] = DecodeOutcome(None, None, f"not decoded: {reason}")
         runs: List[_Run] = []
@@ -287,11 +295,36 @@ class ImageDecoder:
         else:
             keep = None
         for run in plan_runs(sizes, self.max_batch_size, self._plan_bytes):
-            out_bytes = sum(sizes[p] for p in run)
             if keep is not None:
                 run = [keep[p] for p in run]
+            out_bytes = sum(self._output_bytes(dims[i]) for i in run)
             runs.append(_Run(key, run, [encoded[i] for i in run], [plans[i] for i in run], out_bytes))
         return runs
+
+    def _over_limits(self, header: Optional[JpegHeader], dims: Optional[Tuple[int, int]]) -> Optional[str]:
+        """``jpeg.over_limits``; with a resize, also an output over ``max_pixels`` (a 10000x1 image resized to a
+        shorter side of 256 would be 256x2560000)."""
+        reason = over_limits(header, dims, self.max_pixels)
+        if reason is None and dims is not None and self.resize is not None:
+            shape = self.resize.output_shape(dims[1], dims[0])
+            if shape[0] * shape[1] * shape[2] // 3 > self.max_pixels:
+                reason = f"{self.resize} would make it {shape}, over max_pixels={self.max_pixels}"
+        return reason
+
+    def _planned_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
+        """What decoding one image of ``dims`` (width, height) holds: its RGB frame, plus, with a resize, its output
+        twice (DALI's and the copy handed out)."""
+        if dims is None:
+            return 0
+        frame = dims[0] * dims[1] * 3
+        return frame if self.resize is None else frame + 2 * self.resize.output_nbytes(dims[1], dims[0])
+
+    def _output_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
+        """The pixel bytes decoding one image of ``dims`` (width, height) hands out (its output slot's share)."""
+        if dims is None:
+            return 0
+        return dims[0] * dims[1] * 3 if self.resize is None else self.resize.output_nbytes(dims[1], dims[0])
+
 
     def _result(self, r: "_Run") -> List[DecodeOutcome]:
         """The outcomes of a run handed to the decoder process; a crash costs only its culprit."""

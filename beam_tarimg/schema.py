@@ -8,6 +8,10 @@ image is stored:
 * ``raw``: the decoded pixels, HxWxC uint8, row-major (for numpy/torch: ``np.frombuffer(b, np.uint8)
   .reshape(h, w, c)``).
 
+Images resized on decode (``beam_tarimg.Resize``) are written as ``raw``, ``png`` or ``jpeg`` when they are uint8
+HxWxC; float32 or CHW outputs (model input) are refused, and so is ``original`` for a resized image (its
+member's bytes are not those pixels): a ValueError naming the image.
+
 | field            | Parquet                              | TFRecord (tf.train.Example) | content                            |
 | ---              | ---                                  | ---                         | ---                                |
 | ``image_id``     | string                               | ``image/source_id`` bytes   | the webdataset key, e.g. ``000000031`` |
@@ -118,17 +122,46 @@ def check_image_format(image_format, jpeg_quality) -> None:
 
 
 def pixels_hwc(image_path: str, pixels: np.ndarray) -> Tuple[np.ndarray, int, int, int]:
-    """A C-contiguous uint8 view of ``pixels`` and its height, width and channels (2-D means 1 channel)."""
+    """A C-contiguous uint8 view of ``pixels`` and its height, width and channels (2-D means 1 channel).
+
+    The sinks store uint8 HxWxC images only: float32 or CHW outputs of a ``Resize`` (model input) are refused."""
     a = np.asarray(pixels)
     if a.dtype != np.uint8:
-        raise ValueError(f"image_data of {image_path!r} must be uint8 to be written, got {a.dtype}")
+        raise ValueError(f"image_data of {image_path!r} must be uint8 to be written, got {a.dtype} (the sinks "
+                         f"store images: resize on decode with dtype='uint8', layout='HWC' to write them)")
     if a.ndim == 2:
         h, w, c = a.shape[0], a.shape[1], 1
     elif a.ndim == 3:
         h, w, c = a.shape
     else:
         raise ValueError(f"image_data of {image_path!r} must be HxW or HxWxC, got shape {a.shape}")
+    if c > 4:
+        raise ValueError(f"image_data of {image_path!r} has shape {a.shape}: {c} channels (CHW pixels?); the "
+                         f"sinks store HxWxC images (resize on decode with layout='HWC' to write them)")
     return np.ascontiguousarray(a), h, w, c
+
+
+def check_untouched(image: ImageObject, h: int, w: int) -> None:
+    """Raises ValueError when ``image.encoded`` is not an image of ``h`` x ``w`` (after its EXIF orientation):
+    pixels resized on decode, whose ``original`` row would pair the member's bytes with another size."""
+    from beam_tarimg.jpeg import image_dimensions, parse_jpeg
+
+    header = parse_jpeg(image.encoded)
+    try:
+        dims = image_dimensions(image.encoded, header)
+    except Exception:  # over Pillow's own limits: nothing to compare with
+        return
+    if dims is None:
+        return
+    sw, sh = dims
+    turned = (header.orientation or 1) >= 5 if header is not None else None
+    fits = (h, w) == ((sw, sh) if turned else (sh, sw)) or (turned is None and (h, w) == (sw, sh))
+    if not fits:
+        eh, ew = (sw, sh) if turned else (sh, sw)
+        raise ValueError(
+            f"cannot write {image.image_path!r} as original: its pixels are {h}x{w} (HxW), its encoded image "
+            f"{eh}x{ew} (resized on decode?); 'original' stores untouched images only: write raw, png or jpeg"
+        )
 
 
 def image_payload(image: ImageObject, image_format: str, jpeg_quality: int):
@@ -143,6 +176,7 @@ def image_payload(image: ImageObject, image_format: str, jpeg_quality: int):
                 f"cannot write {image.image_path!r} as original: it carries no encoded bytes (only images "
                 f"decoded by ReadImagesFromTars or read back from an encoded format do); write raw, png or jpeg"
             )
+        check_untouched(image, h, w)
         return image.encoded, h, w, c
     return encode_pixels(image.image_path, pixels, h, w, c, image_format, jpeg_quality), h, w, c
 

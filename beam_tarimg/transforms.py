@@ -23,6 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_tarimg import coders as _coders  # noqa: F401  (registers the ImageBatch/EncodedBatch coders)
 from beam_tarimg.decode import DEFAULT_MAX_RUN_BYTES, DEFAULT_RUN_TIMEOUT_S, DEVICES, ISOLATION, ImageDecoder
 from beam_tarimg.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SCANS
+from beam_tarimg.resize import Resize
 from beam_tarimg.schema import check_int
 from beam_tarimg.tario import (
     DEFAULT_EXTENSIONS,
@@ -74,6 +75,7 @@ class _DecodeConfig:
     isolation: str
     run_timeout_s: float
     max_scans: int
+    resize: Optional[Resize] = None
 
     def make_decoder(self) -> ImageDecoder:
         threads = self.num_threads or _usable_cores()
@@ -89,6 +91,7 @@ class _DecodeConfig:
             isolation=self.isolation,
             run_timeout_s=self.run_timeout_s,
             max_scans=self.max_scans,
+            resize=self.resize,
         )
 
 
@@ -378,9 +381,12 @@ class ReadAllImagesFromTars(beam.PTransform):
         run_timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
         max_expansion: int = DEFAULT_MAX_EXPANSION,
         max_decompressed_bytes: Optional[int] = None,
+        resize: Optional[Resize] = None,
     ):
         super().__init__()
         check_int("batch_size", batch_size, 1)
+        if resize is not None and not isinstance(resize, Resize):
+            raise ValueError(f"resize must be a beam_tarimg.Resize or None, got {resize!r}")
         if num_threads is not None:
             check_int("num_threads", num_threads, 1)
         if device not in DEVICES:
@@ -423,6 +429,7 @@ class ReadAllImagesFromTars(beam.PTransform):
             isolation=isolation,
             run_timeout_s=float(run_timeout_s),
             max_scans=max_scans,
+            resize=resize,
         )
         self._redistribute = redistribute
         self._accelerator = accelerator
@@ -518,6 +525,10 @@ class ReadImagesFromTars(beam.PTransform):
       max_expansion: a compressed tar may decompress to 64 MiB plus at most this many times the compressed bytes
         read so far; past that it ends with one ``read`` failure (a decompression bomb).
       max_decompressed_bytes: if given, the most bytes any one compressed tar may decompress to.
+      resize: a ``beam_tarimg.Resize`` (resize, crop or letterbox, normalize, layout) applied to every image on
+        the decode device, DALI's or the Pillow fallback's (``beam_tarimg.resize``); ``image_data`` is then the
+        transformed image, and a batch of fixed-shape outputs is one array without a copy
+        (``ImageBatch.pixels``). None (default): the decoded images, unchanged.
       accelerator: a Beam ``accelerator`` resource hint for the decode step (e.g.
         ``"type:nvidia-l4;count:1;install-nvidia-driver"``), with ``num_threads`` as its ``cpu_count`` hint;
         applied on non-local runners only. The hinted step runs in its own environment, unfused.

@@ -19,16 +19,19 @@ class ImageObject:
       image_path: ``"<tar file name>/<member path>"``, e.g. ``"00000.tar/000000031.jpg"``.
       image_id: the member path without its extension (the webdataset key), e.g. ``"000000031"``.
       image_data: ``numpy.uint8`` array of shape (H, W, 3), RGB, original size, EXIF orientation applied.
+        With a ``resize`` (``beam_tarimg.Resize``) on the reader: the transformed image instead, (H, W, 3) or
+        (3, H, W) as its ``layout`` says, uint8 or float32 (normalized) as its ``dtype`` says.
         Arrays that crossed a Beam coder are read-only views of the encoded bytes: copy before editing
         in place. Arrays fresh from the decoder are views of their decode run's buffer (the decoder
         process's shared-memory slot; with ``isolation="none"``, DALI's output buffer): an image kept after
         its batch is gone keeps the whole run's pixels in memory (about 0.5 MB x batch size for
         ImageNet-sized images) and that slot out of reuse; ``.copy()`` the images you keep.
       metadata: a dict; empty unless sidecars were asked for (see ``ReadImagesFromTars``).
-      encoded: the encoded image whose decode gave ``image_data``, unchanged: the tar member's own bytes
-        (as ``ReadImagesFromTars`` read them; they still carry any EXIF orientation tag), or the stored
-        bytes of a row read back from an encoded format. None for pixels from anywhere else. It is what
-        ``image_format="original"`` writes. The same ``bytes`` object as the decode's input: no copy.
+      encoded: the encoded image whose decode gave ``image_data`` (before any resize), unchanged: the tar
+        member's own bytes (as ``ReadImagesFromTars`` read them; they still carry any EXIF orientation tag),
+        or the stored bytes of a row read back from an encoded format. None for pixels from anywhere else. It
+        is what ``image_format="original"`` writes (refused for a resized image). The same ``bytes`` object
+        as the decode's input: no copy.
     """
 
     image_path: str

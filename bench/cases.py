@@ -56,6 +56,9 @@ CASES: List[Case] = [
     Case("core-decoder-inproc", "breakdown", "core", "imagenet",
          "ImageDecoder.decode alone, isolation='none' (DALI in this process: no crash containment), batch 100",
          params={"batch": 100, "isolation": "none"}),
+    Case("core-decoder-resize", "breakdown", "core", "imagenet",
+         "ImageDecoder.decode alone with resize=Resize(256, crop=224) (224x224x3 uint8 out), batch 100",
+         params={"batch": 100, "resize": (256, 224)}),
     Case("core-tario", "breakdown", "tario", "imagenet", "beam_tarimg read_tar alone (no decode), 1 process",
          params={"batch": 100}),
     # 3. The reader: ReadImagesFromTars -> count (CombineGlobally), no sink.
@@ -90,6 +93,11 @@ CASES: List[Case] = [
          ALLOC_TUNED, {"procs": "cores"}, passes=4),
     Case("dali-external-hd", "dali", "dali_external", "hd", "1080p: DALI CPU, external_source, batch 100",
          params={"batch": 100}, passes=4),
+    Case("core-decoder-hd", "breakdown", "core", "hd", "1080p: ImageDecoder.decode alone, batch 100",
+         params={"batch": 100}, passes=4, quick=False),
+    Case("core-decoder-resize-hd", "breakdown", "core", "hd",
+         "1080p: ImageDecoder.decode alone with resize=Resize(256, crop=224), batch 100",
+         params={"batch": 100, "resize": (256, 224)}, passes=4, quick=False),
     Case("reader-mp-hd", "reader", "reader", "hd", "1080p: ReadImagesFromTars, DirectRunner multi_processing",
          params={"runner": DIRECT_MP}, passes=4),
     # 5. Memory: one worker (FnApiRunner in-process), one tar of 500 vs 5,000 images.

@@ -182,8 +182,14 @@ def run_core(case, args) -> dict:
     bs, n, size = case.params["batch"], args.n, len(data)
     threads = _threads(case, cores())
     isolation = case.params.get("isolation", "process")
+    resize = None
+    if case.params.get("resize"):
+        from beam_tarimg.resize import Resize
+
+        side, crop = case.params["resize"]
+        resize = Resize(side, crop=crop)
     start, cpu0 = time.perf_counter(), _cpu_tree()
-    decoder = ImageDecoder(max_batch_size=bs, num_threads=threads, device="cpu", isolation=isolation)
+    decoder = ImageDecoder(max_batch_size=bs, num_threads=threads, device="cpu", isolation=isolation, resize=resize)
     build_s = time.perf_counter() - start
     images = pixels = 0
     first = None
@@ -200,7 +206,8 @@ def run_core(case, args) -> dict:
     decoder.close()  # waits for the decoder process, so that its CPU time counts in RUSAGE_CHILDREN
     return {"t_work": t_work, "cpu_work": _cpu_tree() - cpu0, "images": images,
             "pixels": pixels, "import_s": import_s, "build_s": build_s, "first_batch_s": first,
-            "threads": threads, "batch": bs, "dali_builds": builds, "isolation": isolation}
+            "threads": threads, "batch": bs, "dali_builds": builds, "isolation": isolation,
+            "resize": None if resize is None else repr(resize)}
 
 
 def run_tario(case, args) -> dict:

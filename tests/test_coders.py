@@ -100,3 +100,38 @@ def test_coders__reject_a_truncated_payload():
     coder = ImageBatchCoder()
     with pytest.raises(Exception):
         coder.decode(coder.encode(_batch())[:-10])
+
+
+def _uniform_batch(n=5, shape=(3, 224, 224), dtype=np.float32):
+    rng = np.random.default_rng(1)
+    block = rng.standard_normal((n,) + shape).astype(dtype)
+    images = [ImageObject(f"t.tar/{k}.jpg", str(k), block[k], {"k": k} if k % 2 else {},
+                          encoded=b"\xff\xd8 member" if k != 2 else None) for k in range(n)]
+    return ImageBatch("t.tar", images), block
+
+
+def test_image_batch_coder__a_uniform_float32_chw_batch_is_one_block_decoded_to_consecutive_views():
+    coder = ImageBatchCoder()
+    batch, block = _uniform_batch()
+    encoded = coder.encode(batch)
+    decoded = coder.decode(encoded)
+    assert decoded == batch
+    pixels = decoded.pixels
+    assert pixels.shape == (5, 3, 224, 224) and pixels.dtype == np.float32 and np.array_equal(pixels, block)
+    assert all(np.shares_memory(pixels, image.image_data) for image in decoded)  # no copy: views of the block
+    assert pixels.__array_interface__["data"][0] % 64 == (
+        np.frombuffer(encoded, np.uint8).__array_interface__["data"][0] % 64)  # aligned to the payload's start
+    # Framing: one dtype and shape for the batch, not per image.
+    per_image = len(coder.encode(ImageBatch("t.tar", [batch.images[0]])))
+    assert len(encoded) - block.nbytes < 5 * (per_image - block[0].nbytes)
+    assert abs(coder.estimate_size(batch) - len(encoded)) <= 400
+
+
+def test_image_batch_coder__a_uniform_batch_not_consecutive_in_memory_round_trips_too():
+    coder = ImageBatchCoder()
+    batch, block = _uniform_batch(4, (6, 5, 3), np.uint8)
+    for image, k in zip(batch.images, (3, 0, 2, 1)):
+        image.image_data = block[k].copy()  # separate arrays, another order
+    decoded = coder.decode(coder.encode(batch))
+    assert decoded == batch and np.array_equal(decoded.pixels, block[[3, 0, 2, 1]])
+    assert np.shares_memory(decoded.pixels, decoded.images[3].image_data)

@@ -13,7 +13,9 @@ every process below it (NVML or nvidia-smi by pid), else for the whole device. T
 a known crasher (every good image comes out, the crasher is exactly one outcome), and a SIGSEGV sent to the
 decoder's decode process mid-batch (skipped where DALI runs in the test's own process).
 
-One test, ``test_device_selection_follows_the_visible_cuda_devices``, runs everywhere.
+Two tests run everywhere: ``test_device_selection_follows_the_visible_cuda_devices``, and
+``test_resize_ops_take_the_mixed_decoders_gpu_output_and_stay_on_the_gpu`` (defines, without building, the
+GPU pipeline of a resize on decode).
 """
 
 from __future__ import annotations
@@ -117,6 +119,30 @@ def test_device_selection_follows_the_visible_cuda_devices(monkeypatch):
     assert outcome.error is None and outcome.decoder == expected
     assert outcome.pixels.shape == (30, 40, 3) and outcome.pixels.dtype == np.uint8
     assert _mean_abs_diff(outcome.pixels, image) < 4.0  # the image it was encoded from, at quality 95
+
+
+@pytest.mark.parametrize("resize_kwargs", [
+    dict(size=256, crop=224),
+    dict(size=(224, 288), mode="letterbox", dtype="float32", layout="CHW", mean=(1, 2, 3), std=(4, 5, 6)),
+    dict(size=200, layout="CHW"),
+])
+def test_resize_ops_take_the_mixed_decoders_gpu_output_and_stay_on_the_gpu(resize_kwargs):
+    # Without a GPU the pipeline cannot be built, but its graph can be defined: DALI places each op there and
+    # refuses a CPU op fed a GPU output. The resize must run on the GPU, before the copy to host; the decoded
+    # frame's shape (the check against the header) is a CPU output.
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from beam_tarimg.dali import _resize_ops
+    from beam_tarimg.resize import Resize
+
+    pipe = Pipeline(batch_size=4, num_threads=2, device_id=0, prefetch_queue_depth=1)
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=False)
+        resized, frame = _resize_ops(images, Resize(**resize_kwargs)), images.shape()
+        pipe.set_outputs(resized, frame)
+    assert (resized.device, frame.device) == ("gpu", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,6 +323,34 @@ def test_gpu_pixels_agree_with_the_cpu_path_on_an_imagenet_like_corpus(corpus, c
     for variant, (mean, top) in sorted(worst.items()):
         print(f"  {variant:15s} worst mean |diff| {mean:.3f}, max |diff| {top}")
     assert max(means) <= MAX_MEAN_ABS_DIFF, worst
+
+
+@gpu
+@needs_cuda
+def test_gpu_resize_agrees_with_the_cpu_resize_and_gives_one_array_per_batch(corpus):
+    # Resize on decode runs on the GPU (fn.resize/fn.slice/fn.crop_mirror_normalize on the "mixed" decoder's
+    # output) before the copy to host; the geometry is planned on the oriented image, so the 8 orientations too.
+    from beam_tarimg.resize import Resize
+    from beam_tarimg.types import stack_images
+
+    base = photo_like_image(np.random.default_rng(7), 301, 203)  # odd sizes: odd crop margins
+    data = [d for _, d in corpus[:40]] + [encode_jpeg(base, quality=95, exif_orientation=k) for k in range(1, 9)]
+    imagenet = dict(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    for r in (Resize(256, crop=224), Resize((224, 288), mode="letterbox", dtype="float32", layout="CHW", **imagenet)):
+        gpu_out = ImageDecoder(max_batch_size=32, device=DEVICE, resize=r).decode(data)
+        cpu_out = ImageDecoder(max_batch_size=32, device="cpu", resize=r).decode(data)
+        means = []
+        for k, (g, c) in enumerate(zip(gpu_out, cpu_out)):
+            assert g.decoder == DEVICE and c.decoder == "cpu", (k, g.error, c.error)
+            assert g.pixels.shape == c.pixels.shape and g.pixels.dtype == c.pixels.dtype == np.dtype(r.dtype)
+            scale = np.asarray(r.std or (1.0,) * 3).reshape((3, 1, 1) if r.layout == "CHW" else (1, 1, 3))
+            means.append(float(np.abs(g.pixels.astype(np.float64) - c.pixels).mean() * scale.mean()))
+        print(f"\nresize {r.mode} {r.dtype} {r.layout}: GPU vs CPU max per-image mean |diff| {max(means):.3f} "
+              f"(uint8 units) over {len(means)} images")
+        assert max(means) <= MAX_MEAN_ABS_DIFF
+        arrays = [g.pixels for g in gpu_out[:32]]  # one decode run
+        stacked = stack_images(arrays)
+        assert stacked is not None and all(np.shares_memory(stacked, a) for a in arrays)
 
 
 # EXIF orientation k (1..8) -> what the decoded image must be, from the upright pixels (PIL's exif_transpose).

@@ -52,7 +52,7 @@ env "${test_env[@]}" timeout -k 10 "$tests_s" "$PY" -m pytest --noconftest -p no
 tests_rc=$?
 # (DALI prints its decode errors, in colour, on the lines of the tests that expect them: cut those off)
 sed -E 's/\x1b\[[0-9;]*m\[ERROR\].*$//' "$OUT/test_gpu.log" \
-  | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^(GPU|orientation|[0-9]+ (bad|threads)|the SOF|SIGSEGV)" | cut -c1-400
+  | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^(GPU|orientation|resize|[0-9]+ (bad|threads)|the SOF|SIGSEGV)" | cut -c1-400
 echo "device_run: GPU tests rc $tests_rc at $((SECONDS - t0)) s"
 
 grace=45

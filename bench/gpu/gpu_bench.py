@@ -14,6 +14,9 @@ their JPEGs back with ``beam_tarimg.tario.read_tar``, and, per corpus:
   dali_mixed        a bare DALI pipeline: external_source (a batch callback) -> decoders.image(device="mixed"),
                     DALI's default asynchronous, prefetching executor; outputs stay on the GPU (the ceiling)
   decoder_gpu       beam_tarimg.decode.ImageDecoder(device="gpu"): what the Beam DoFns run, host numpy out
+  decoder_gpu_resize  the same with resize=Resize(256, crop=224) (resized on the GPU before the copy to host;
+                    one hw_decoder_load, the middle of --hw-loads), and its outputs of the first batch against
+                    ImageDecoder(device="cpu", resize=...)'s (mean/max |diff| per image)
   cpu_threads       ImageDecoder(device="cpu") in one process with every core as a DALI thread
   dali_mixed_fancy  the bare pipeline with jpeg_fancy_upsampling=True (the CPU decoder's chroma upsampling)
                                                                                             [not by default]
@@ -82,12 +85,12 @@ SMOKE_CORPORA = {
     "imagenet": {"tars": 2, "per_tar": 24, "size": None, "seed": 0},
     "1080p": {"tars": 1, "per_tar": 4, "size": (1920, 1080), "seed": 0},
 }
-GPU_CASES = ("dali_mixed", "dali_mixed_fancy", "dali_mixed_host", "decoder_gpu")
+GPU_CASES = ("dali_mixed", "dali_mixed_fancy", "dali_mixed_host", "decoder_gpu", "decoder_gpu_resize")
 CHECK_CASES = ("agreement",)
 HW_LOADS = [0.0, 0.75, 1.0]
 CPU_CASES = ("cpu_threads", "cpu_procs", "dali_cpu")
-DEFAULT_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu"
-SMOKE_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu,dali_cpu"
+DEFAULT_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu,decoder_gpu_resize"
+SMOKE_CASES = "agreement,cpu_threads,dali_mixed,decoder_gpu,decoder_gpu_resize,dali_cpu"
 
 
 # -- corpus -------------------------------------------------------------------------------------------------
@@ -407,6 +410,8 @@ def run_case(case: str, data: List[bytes], args, emit: Callable[[Dict], None], d
     loads = args.hw_loads if case in GPU_CASES else [None]
     if case == "dali_mixed_fancy":
         loads = args.fancy_loads
+    if case == "decoder_gpu_resize":
+        loads = [args.hw_loads[len(args.hw_loads) // 2]]
     for batch_size in args.batch_sizes:
         batches = make_batches(data, batch_size, args.min_batches)
         warmup = min(len(batches), args.warmup_batches)
@@ -455,9 +460,13 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
         if mem:
             out["gpu_mib"], out["gpu_mib_how"] = _round(mem.read())
         del pipe, last
-    elif case in ("decoder_gpu", "cpu_threads"):
-        gpu = case == "decoder_gpu"
+    elif case in ("decoder_gpu", "decoder_gpu_resize", "cpu_threads"):
+        gpu = case != "cpu_threads"
         kwargs = {"hw_decoder_load": load} if gpu else {}
+        if case == "decoder_gpu_resize":
+            from beam_tarimg.resize import Resize
+
+            kwargs["resize"] = Resize(256, crop=224)
         threads = args.gpu_threads if gpu else cpus
         gpu = gpu and not args.gpu_as_cpu
         decoder = ImageDecoder(max_batch_size=batch_size, num_threads=threads, device="gpu" if gpu else "cpu", **kwargs)
@@ -474,6 +483,8 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
         out.update(timed_passes(step, len(batches), args.runs, warmup))
         if mem:
             out["gpu_mib"], out["gpu_mib_how"] = _round(mem.read())
+        if case == "decoder_gpu_resize":
+            out.update(_resize_agreement(decoder, batches[0], kwargs["resize"]))
         out["builds"] = decoder.builds
         if hasattr(decoder, "close"):  # stops its decode process (and that process's CUDA context), if any
             decoder.close()
@@ -484,6 +495,24 @@ def _one_config(case, batches, batch_size, load, warmup, args, cpus, mem) -> Dic
         raise ValueError(f"unknown case {case!r}")
     out["host_rss_peak_mib"] = round(_host_rss_mib(), 1)
     return out
+
+
+def _resize_agreement(decoder, batch: List[bytes], resize) -> Dict:
+    """The decoder's resized outputs of ``batch`` against ImageDecoder(device="cpu", resize=resize)'s."""
+    import numpy as np
+
+    from beam_tarimg.decode import ImageDecoder
+
+    cpu = ImageDecoder(max_batch_size=len(batch), device="cpu", resize=resize)
+    try:
+        pairs = [(a.pixels, b.pixels) for a, b in zip(decoder.decode(batch), cpu.decode(batch))
+                 if a.pixels is not None and b.pixels is not None]
+    finally:
+        cpu.close()
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in pairs if a.shape == b.shape]
+    return {"resize_compared": len(diffs), "resize_shape_mismatches": len(pairs) - len(diffs),
+            "resize_max_mean_abs_diff": round(max((float(d.mean()) for d in diffs), default=0.0), 4),
+            "resize_max_abs_diff": max((int(d.max()) for d in diffs), default=0)}
 
 
 def _round(reading):
@@ -638,6 +667,14 @@ def summary(report: Dict, corpus: str, rows: List[Dict]) -> List[str]:
                      f"hw_decoder_load {core['hw_decoder_load']:g}): {ratio}{core['marginal'] / bare['marginal']:.2f} x "
                      f"the bare pipeline's best ({bare['marginal']:,.0f} img/s, batch {bare['batch_size']}, load "
                      f"{bare['hw_decoder_load']:g}).")
+    resized = _best(rows, "decoder_gpu_resize")
+    if resized:
+        vs = f": {resized['marginal'] / core['marginal']:.2f} x the decode core without it" if core else ""
+        lines.append(f"- Decode core on the GPU with Resize(256, crop=224), best: {resized['marginal']:,.0f} img/s "
+                     f"(batch {resized['batch_size']}){vs}; its outputs against the CPU path's: max per-image mean "
+                     f"|diff| {resized.get('resize_max_mean_abs_diff')}, max pixel |diff| "
+                     f"{resized.get('resize_max_abs_diff')}, {resized.get('resize_shape_mismatches')} shape "
+                     f"mismatches over {resized.get('resize_compared')} images.")
     if cpu:
         vs = f"; GPU decode core / CPU: {core['marginal'] / cpu['marginal']:.2f} x" if core else ""
         lines.append(f"- CPU path, {cpu.get('threads')} threads, best: {cpu['marginal']:,.0f} img/s (batch "
