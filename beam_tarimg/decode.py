@@ -118,9 +118,11 @@ class ImageDecoder:
         H100/H200; baseline JPEGs only); the rest take nvJPEG's CUDA path, whose Huffman decoding runs on
         the ``num_threads`` CPU threads (GPU only).
       max_run_bytes: a budget for the memory that decoding one run takes, from the pixel sizes the headers
-        claim: DALI holds about twice a run's pixels at its peak, and the decoder process's shared-memory copy
-        one more, so runs are planned at a quarter of it (a half with ``isolation="none"``); a run stops short
-        of ``max_batch_size`` images to stay under that, and a single larger image runs alone.
+        claim: DALI holds about twice a run's pixels at its peak, the decoder process's shared-memory copy one
+        more, and the run before it, handed downstream while this one decodes, one more, so runs are planned
+        at a quarter of it (a half with ``isolation="none"``: DALI's twice, one run at a time); the run queued
+        behind them has its shared memory set aside but not yet written (untouched pages cost nothing). A run
+        stops short of ``max_batch_size`` images to stay under that, and a single larger image runs alone.
       isolation: ``"process"`` (default) runs DALI and the Pillow fallback in a child process that the
         calling process supervises and restarts: a native crash costs only the image that caused it.
         ``"none"`` runs them in the calling process (a crash there kills it). See the module docstring.
@@ -133,7 +135,9 @@ class ImageDecoder:
         Runs are then planned by each image's decoded frame (still decoded at full size) plus twice its output
         (DALI's output and its copy), against the same budget.
 
-    ``decode()`` is thread-safe (one call at a time), so one instance can serve every DoFn of a process.
+    ``decode()``, ``decode_runs()``, ``decode_stream()`` and ``stream()`` are thread-safe, so one instance can
+    serve every DoFn of a process: with ``isolation="process"`` the runs of several threads are in flight at
+    once and each thread gets its own back; with ``"none"`` one run decodes at a time.
     ``builds`` counts the DALI pipelines built (one per decoder process started, plus one per bad batch);
     ``crashes`` counts the decoder processes that died (or were killed for a timeout) during a run.
 

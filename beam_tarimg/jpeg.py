@@ -687,6 +687,32 @@ def jpeg_dimensions(data: bytes) -> Optional[Tuple[int, int]]:
     return header.width, header.height
 
 
+def frame_size(data) -> Optional[Tuple[int, int]]:
+    """``(width, height)`` of the first start-of-frame segment, found by skipping the segments before it (a few
+    microseconds: no checks, no scan data walked); None when the bytes do not lead to one plainly (then ask
+    ``image_dimensions``)."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    for _ in range(256):  # segments before the frame: APPn, COM, DQT, DHT, DRI; a few in practice
+        while i < n and data[i] == 0xFF and i + 1 < n and data[i + 1] == 0xFF:
+            i += 1  # fill bytes
+        if i + 4 > n or data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return (width, height) if width and height else None
+        if m in (0xD9, 0xDA) or 0xD0 <= m <= 0xD7 or m == 0x01:
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
 def has_complete_header(data: bytes) -> bool:
     """True when the bytes hold a JPEG whose marker segments, a frame header and a whole scan header included,
     are complete and followed by scan data. ``dali_rejects`` checks this and more.

@@ -508,3 +508,17 @@ def test_implausible__more_markers_than_the_walk_reads_is_a_limit():
     flood = BASE[:2] + b"\xff\xfe\x00\x03x" * MAX_MARKERS + BASE[2:]
     assert implausible(flood) == f"more than {MAX_MARKERS} markers"
     assert implausible(BASE[:2] + b"\xff\xfe\x00\x03x" * 100 + BASE[2:]) is None
+
+
+def test_frame_size__agrees_with_the_full_walk_and_gives_up_plainly():
+    from beam_tarimg.jpeg import frame_size
+
+    for seed, (w, h) in enumerate([(48, 40), (17, 301), (640, 1)]):
+        for kwargs in ({}, {"progressive": True}, {"exif_orientation": 6}):
+            blob = make_jpeg(seed, w, h, **kwargs)
+            header = parse_jpeg(blob)
+            assert frame_size(blob) == (header.width, header.height) == (w, h)
+    blob = make_jpeg(3, 30, 20)
+    assert frame_size(blob[:2] + b"\xff\xff\xff" + blob[2:]) == (30, 20)  # fill bytes before a marker
+    for bad in (b"", b"\xff\xd8", b"\x89PNG\r\n\x1a\n" + blob, blob[:20], b"\xff\xd8\xff\xda\x00\x02"):
+        assert frame_size(bad) is None
