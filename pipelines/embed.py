@@ -34,17 +34,12 @@ def model_input(args) -> Tuple[Dict[str, object], object]:
 
     if args.resize is None:
         return {}, Normalize(args.mean, args.std, layout=args.layout, dtype=args.dtype)
-    import beam_tarimg
+    from beam_tarimg import Resize
 
-    try:
-        resize_cls = beam_tarimg.Resize
-    except AttributeError:
-        raise UsageError("--resize needs beam_tarimg.Resize (resize on decode), which this version of "
-                         "beam-tarimg does not have yet; leave --resize out for images of one size") from None
     one_or_three = {name: v[0] if v is not None and len(v) == 1 else v  # "--mean 127.5": one for all channels
                     for name, v in (("mean", args.mean), ("std", args.std))}
     try:
-        resize = resize_cls(args.resize, crop=args.crop, mode=args.resize_mode, interpolation=args.interpolation,
+        resize = Resize(args.resize, crop=args.crop, mode=args.resize_mode, interpolation=args.interpolation,
                             dtype=args.dtype, layout=args.layout, **one_or_three)
     except ValueError as e:
         raise UsageError(f"--resize: {e}") from None
