@@ -85,6 +85,7 @@ bench-engines: engines
 
 fuzz: $(STAMP)
 	$(PY) -m bench.fuzz --seed 0 --json build/fuzz.json
+	$(PY) -m bench.fuzz --seed 0 --resize --jpeg-mutants 3000 --tar-mutants 0 --skip-inputs --json build/fuzz-resize.json
 
 clean:
 	rm -rf build $(VENV)

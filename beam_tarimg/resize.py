@@ -166,6 +166,9 @@ class Resize:
     def geometry(self, height: int, width: int) -> Tuple[Tuple[int, int], Optional[Tuple[int, int, int, int]]]:
         """For an (oriented) image of ``height`` x ``width``: the resized size ``(h, w)`` and the window
         ``(top, left, h, w)`` taken from it (negative top/left: padding), or None for the whole resized image."""
+        # A header may claim a side of 0 (a frame that never decodes, a failure later): plan it as 1, so that the
+        # sizes planned from headers never divide by zero.
+        height, width = max(1, height), max(1, width)
         if self.mode == "stretch":
             return tuple(self.size), None  # type: ignore[return-value]
         if self.mode == "letterbox":

@@ -22,6 +22,11 @@ What it runs (everything deterministic for a ``--seed``):
    that are no tar (a FIFO, a directory, a link to /dev/zero, ...), names with glob characters, multi-member and
    bomb-compressed tars, accounted the same way; each entry that is no tar must be one ``open`` failure.
 
+``--resize`` runs 2 and 3 with resize on decode (``Resize(64, crop=48)``; the job with ``--resize 64 --crop 48``):
+the same rules, the pixels compared with that Resize's Pillow path (``Resize.apply_pillow`` after Pillow's
+decode and ``exif_transpose``): exactly where Pillow decoded, within 2 levels where DALI did (their filters round
+differently). ``make fuzz`` runs it after the plain run.
+
 The report (stdout; ``--json PATH`` for a machine-readable one) gives the mutants run per kind, the job runs,
 their exit codes, hangs, members lost or duplicated (per mutation kind), decoder crashes contained (the job's
 ``decoder crashes`` summary line when it prints one, else the failure records that say the decoder crashed),
@@ -190,15 +195,21 @@ def pillow_rgb(data: bytes) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, unchecked: bool = False) -> None:
+def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, unchecked: bool = False,
+               resize: bool = False) -> None:
     """Decodes the batches pickled at ``in_path``; appends one JSON line per finished batch to ``out_path``
     (flushed, so that the parent knows which batch was in flight when this process died). ``unchecked``: give
-    DALI every input first, bypassing ``jpeg.dali_rejects``, so that DALI's crashes reach the containment."""
+    DALI every input first, bypassing ``jpeg.dali_rejects``, so that DALI's crashes reach the containment.
+    ``resize``: decode with ``fuzz_pixels.fuzz_resize()``; the references are then its Pillow path, which the
+    fallback must give exactly and DALI within ``fuzz_pixels.RESIZE_TOLERANCE``."""
     from beam_tarimg.decode import ImageDecoder
 
     with open(in_path, "rb") as f:
         batches: List[List[Tuple[str, bytes]]] = pickle.load(f)
-    decoder = ImageDecoder(max_batch_size=batch_size, num_threads=num_threads, device="cpu")
+    reference, tolerance = (fuzz_pixels.resized_reference, fuzz_pixels.RESIZE_TOLERANCE) if resize else (
+        pillow_rgb, 0)
+    decoder = ImageDecoder(max_batch_size=batch_size, num_threads=num_threads, device="cpu",
+                           resize=fuzz_pixels.fuzz_resize() if resize else None)
     decoder._check_before_dali = not unchecked
     with open(out_path, "a") as out:
         for b, batch in enumerate(batches):
@@ -227,9 +238,9 @@ def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, u
                 if kind == GOOD:
                     if pixels is None:
                         violations.append(f"good image failed: {error}")
-                    elif not np.array_equal(pixels, pillow_rgb(data)):
+                    elif not fuzz_pixels.matches(pixels, reference(data), 0 if who == "pillow" else tolerance):
                         violations.append(f"good image decoded by {who} differs from Pillow's decode")
-                violations += fuzz_pixels.check(kind, data, outcome, pillow_rgb)
+                violations += fuzz_pixels.check(kind, data, outcome, reference, tolerance)
             out.write(json.dumps({"batch": b, "seconds": round(seconds, 3), "violations": violations,
                                   "decoded": decoded, "failed": failed, "crashes": crashes}) + "\n")
             out.flush()
@@ -237,7 +248,7 @@ def core_child(in_path: str, out_path: str, batch_size: int, num_threads: int, u
 
 
 def run_core(items: Sequence[Item], work: str, batch_size: int, batches_per_process: int, timeout: float,
-             num_threads: int, log, unchecked: bool = False) -> Dict:
+             num_threads: int, log, unchecked: bool = False, resize: bool = False) -> Dict:
     """Runs every batch of ``items`` through the decode core, ``batches_per_process`` batches per child; a
     child that dies (or hangs past ``timeout``) costs its batch in flight, recorded, and a new child goes on."""
     batches = [[(it.kind, it.data) for it in items[i : i + batch_size]] for i in range(0, len(items), batch_size)]
@@ -257,6 +268,8 @@ def run_core(items: Sequence[Item], work: str, batch_size: int, batches_per_proc
                "--batch-size", str(batch_size), "--num-threads", str(num_threads)]
         if unchecked:
             cmd.append("--_unchecked")
+        if resize:
+            cmd.append("--resize")
         res = run_process(cmd, timeout, out_path + ".stdout", out_path + ".stderr")
         report["processes"] += 1
         report["peak_rss_mb"] = max(report["peak_rss_mb"], res.maxrss_mb)
@@ -357,9 +370,12 @@ def parse_summary(stdout: str) -> Dict[str, int]:
     return out
 
 
-def read_outputs(out_dir: str, want_pixels: Dict[Tuple[str, str], bytes]):
+def read_outputs(out_dir: str, want_pixels: Dict[Tuple[str, str], bytes], reference=None, tolerance: int = 0):
     """(rows, failures, problems): rows as (tar, member, pixels-ok-or-None) from the Parquet files, failure
-    records as dicts. Pixels are compared only for the (tar, member) pairs in ``want_pixels``."""
+    records as dicts. Pixels are compared only for the (tar, member) pairs in ``want_pixels``: with
+    ``reference`` (default ``pillow_rgb``), no value more than ``tolerance`` apart (a row does not say which
+    decoder made it)."""
+    reference = reference or pillow_rgb
     import pyarrow.parquet as pq
 
     rows, problems = [], []
@@ -374,13 +390,13 @@ def read_outputs(out_dir: str, want_pixels: Dict[Tuple[str, str], bytes]):
                     want = want_pixels.get((tar, member))
                     if want is not None:
                         try:
-                            ref = pillow_rgb(want)
+                            ref = reference(want)
                         except Exception:  # a mutant Pillow cannot decode: nothing to compare with
                             rows.append((tar, member, None))
                             continue
                         shape = (r["height"], r["width"], r["channels"])
-                        ok = (r["image_format"] == "raw" and shape == ref.shape
-                              and np.array_equal(np.frombuffer(r["image_data"], np.uint8).reshape(shape), ref))
+                        ok = (r["image_format"] == "raw" and shape == ref.shape and fuzz_pixels.matches(
+                            np.frombuffer(r["image_data"], np.uint8).reshape(shape), ref, tolerance))
                     rows.append((tar, member, ok))
         except Exception as e:  # a truncated file from a killed job
             problems.append(f"{os.path.basename(path)} unreadable: {type(e).__name__}: {e}")
@@ -488,11 +504,14 @@ def run_job(name: str, plans: Sequence[TarPlan], in_dir: str, out_dir: str, args
            "--batch_size", str(args.batch_size), "--num_threads", str(args.num_threads), "--device", "cpu",
            "--preview_rows", "0", "--runner", args.runner,
            "--image_format", "raw"]  # the decoded pixels, which read_outputs compares with Pillow's
+    if args.resize:
+        cmd += fuzz_pixels.RESIZE_FLAGS
     res = run_process(cmd, args.job_timeout, os.path.join(out_dir, "stdout.txt"), os.path.join(out_dir, "stderr.txt"))
     with open(os.path.join(out_dir, "stdout.txt"), errors="replace") as f:
         stdout = f.read()
     want = {(p.file_name, m.names[0]): m.good for p in plans for m in p.members if m.good is not None}
-    rows, failures, problems = read_outputs(out_dir, want)
+    rows, failures, problems = read_outputs(out_dir, want, *((fuzz_pixels.resized_reference,
+                                                             fuzz_pixels.RESIZE_TOLERANCE) if args.resize else ()))
     acc = account(plans, rows, failures)
     summary = parse_summary(stdout)
     crash_records = sum(1 for r in failures if r.get("stage") == "decode" and "crash" in str(r.get("error", "")))
@@ -530,6 +549,7 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict:
     os.makedirs(work, exist_ok=True)
     report: Dict = {
         "seed": args.seed, "batch_size": args.batch_size, "work": work,
+        "resize": repr(fuzz_pixels.fuzz_resize()) if args.resize else None,
         "jpeg_mutants": sum(jpeg_kinds.values()), "jpeg_mutants_by_kind": dict(sorted(jpeg_kinds.items())),
         "good_images": len(plan.items) - sum(jpeg_kinds.values()),
         "tar_mutants": len(plan.tar_mutants), "tar_mutants_by_kind": dict(sorted(tar_kinds.items())),
@@ -541,7 +561,7 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict:
         core_dir = os.path.join(work, "core")
         os.makedirs(core_dir, exist_ok=True)
         report["core"] = run_core(plan.items, core_dir, args.batch_size, args.batches_per_process,
-                                  args.core_timeout, args.num_threads, log)
+                                  args.core_timeout, args.num_threads, log, resize=args.resize)
         c = report["core"]
         log(f"  core: {c['batches']} batches in {c['processes']} processes, {len(c['crashes'])} crashed, "
             f"{len(c['hangs'])} hung, {len(c['violations'])} invariant violations, {c['seconds']} s")
@@ -553,7 +573,8 @@ def run(args, log=lambda s: print(s, file=sys.stderr, flush=True)) -> Dict:
         core_dir = os.path.join(work, "core-unchecked")
         os.makedirs(core_dir, exist_ok=True)
         report["core_unchecked"] = run_core(items, core_dir, args.batch_size, args.batches_per_process,
-                                            args.core_timeout, args.num_threads, log, unchecked=True)
+                                            args.core_timeout, args.num_threads, log, unchecked=True,
+                                            resize=args.resize)
         c = report["core_unchecked"]
         log(f"  core, unchecked: {c['batches']} batches, {c['decoder_crashes_contained']} decoder crashes "
             f"contained, {len(c['crashes'])} killed the calling process, {len(c['violations'])} invariant "
@@ -638,7 +659,8 @@ def _verdict(report: Dict) -> None:
 
 
 def print_report(r: Dict) -> None:
-    print(f"fuzz: seed {r['seed']}, {r['seconds']} s: {r['verdict'].upper()}")
+    print(f"fuzz: seed {r['seed']}, {r['seconds']} s: {r['verdict'].upper()}"
+          + (f" (decode with {r['resize']})" if r.get("resize") else ""))
     print(f"  JPEG mutants     {r['jpeg_mutants']} (+ {r['good_images']} good images), "
           f"{len(r['jpeg_mutants_by_kind'])} kinds")
     print("    " + ", ".join(f"{k} {v}" for k, v in r["jpeg_mutants_by_kind"].items()))
@@ -714,6 +736,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--unchecked-batches", type=int, default=24,
                    help="decode-core batches given to DALI with the structure check bypassed, so that DALI's "
                         "crashes reach the containment (default 24; 0: none)")
+    p.add_argument("--resize", action="store_true",
+                   help="decode with Resize(64, crop=48) (the job: " + " ".join(fuzz_pixels.RESIZE_FLAGS) + "): "
+                        "pixels compared with that Resize's Pillow path, exactly where Pillow decoded, within "
+                        f"{fuzz_pixels.RESIZE_TOLERANCE} levels where DALI did")
     p.add_argument("--_core-child", nargs=2, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_unchecked", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -731,7 +757,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._core_child:
         core_child(*args._core_child, batch_size=args.batch_size, num_threads=args.num_threads,
-                   unchecked=args._unchecked)
+                   unchecked=args._unchecked, resize=args.resize)
         return 0
     # SIGTERM as an exception, so that the finally blocks kill the process groups this harness started.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

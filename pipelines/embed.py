@@ -18,7 +18,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from pipelines import main_for, preview_lines, run_pipeline
-from pipelines.options import EMBED_FLAGS, EMBED_HELP, UsageError
+from pipelines.options import EMBED_FLAGS, EMBED_HELP, UsageError, resize_option
 
 PROG = "python -m pipelines.embed"
 DESCRIPTION = ("Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI, run an ONNX model on them in "
@@ -34,21 +34,9 @@ def model_input(args) -> Tuple[Dict[str, object], object]:
 
     if args.resize is None:
         return {}, Normalize(args.mean, args.std, layout=args.layout, dtype=args.dtype)
-    import beam_tarimg
-
-    try:
-        resize_cls = beam_tarimg.Resize
-    except AttributeError:
-        raise UsageError("--resize needs beam_tarimg.Resize (resize on decode), which this version of "
-                         "beam-tarimg does not have yet; leave --resize out for images of one size") from None
     one_or_three = {name: v[0] if v is not None and len(v) == 1 else v  # "--mean 127.5": one for all channels
                     for name, v in (("mean", args.mean), ("std", args.std))}
-    try:
-        resize = resize_cls(args.resize, crop=args.crop, mode=args.resize_mode, interpolation=args.interpolation,
-                            dtype=args.dtype, layout=args.layout, **one_or_three)
-    except ValueError as e:
-        raise UsageError(f"--resize: {e}") from None
-    return {"resize": resize}, None
+    return resize_option(args, dtype=args.dtype, layout=args.layout, **one_or_three), None
 
 
 def _read_options(args) -> Dict[str, object]:

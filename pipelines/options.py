@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from beam_tarimg.decode import DEVICES
-from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, PARQUET_CODECS
+from beam_tarimg.schema import DEFAULT_IMAGE_FORMAT, IMAGE_FORMATS, ORIGINAL, PARQUET_CODECS, PNG
 from beam_tarimg.tario import DEFAULT_EXTENSIONS, normalize_extensions
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -45,9 +45,13 @@ _BEAM_FLAGS_EPILOG = (
 
 # The flags of each job, by dest name; those a job takes of REQUIRED are required on its command line.
 SUMMARIZE_FLAGS = ("input", "batch_size", "num_threads", "device", "extensions", "include_metadata", "failures")
-TFRECORD_FLAGS = SUMMARIZE_FLAGS + ("output", "image_format", "jpeg_quality", "num_shards", "preview_rows")
+# Resize on decode (beam_tarimg.Resize): the writing jobs take its geometry, which gives uint8 HWC images that
+# their sinks write; pipelines.embed also takes the model input's dtype, layout and normalization.
+RESIZE_FLAGS = ("resize", "crop", "resize_mode", "interpolation")
+TFRECORD_FLAGS = SUMMARIZE_FLAGS + ("output", "image_format", "jpeg_quality", "num_shards", "preview_rows",
+                                    *RESIZE_FLAGS)
 PARQUET_FLAGS = TFRECORD_FLAGS + ("row_group_mb", "codec")
-MODEL_INPUT_FLAGS = ("resize", "crop", "resize_mode", "interpolation", "mean", "std", "layout", "dtype")
+MODEL_INPUT_FLAGS = RESIZE_FLAGS + ("mean", "std", "layout", "dtype")
 EMBED_FLAGS = SUMMARIZE_FLAGS + ("output", "num_shards", "preview_rows", "row_group_mb", "codec", "model",
                                  *MODEL_INPUT_FLAGS)
 REQUIRED = ("input", "output", "model")
@@ -115,10 +119,11 @@ class _TarImagesFlags:
             help="write one JSON line per lost input (tar, member, stage, error) to this file",
         )
         parser.add_argument(
-            "--image_format", default=DEFAULT_IMAGE_FORMAT, choices=IMAGE_FORMATS,
+            "--image_format", default=None, choices=IMAGE_FORMATS,
             help="how images are stored: original (default: each JPEG's own bytes, unchanged; about the size of "
                  "the input), raw (decoded HxWxC uint8 pixels, ~13x the input), png (lossless re-encode, ~5x, slow) "
-                 "or jpeg (lossy re-encode)",
+                 "or jpeg (lossy re-encode). With --resize: png by default, and original is refused (it would "
+                 "store the JPEG, not the resized pixels)",
         )
         parser.add_argument("--jpeg_quality", type=int, default=95, help="quality of --image_format jpeg (95)")
         parser.add_argument(
@@ -146,7 +151,7 @@ class _TarImagesFlags:
         parser.add_argument(
             "--resize", type=_size, default=None, metavar="S|HxW",
             help="resize on decode (beam_tarimg.Resize): S for the shorter side (--resize_mode shorter), or HxW. "
-                 "Without it every image goes to the model at its decoded size",
+                 "Without it every image keeps its decoded size",
         )
         parser.add_argument("--crop", type=_size, default=None, metavar="S|HxW",
                             help="after --resize, centre-crop to SxS or HxW (e.g. --resize 256 --crop 224)")
@@ -362,6 +367,22 @@ def _check_beam_flags(beam_args: List[str]) -> None:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
 
 
+def resize_option(args: argparse.Namespace, **model_input) -> Dict[str, object]:
+    """``{"resize": beam_tarimg.Resize(...)}`` for ``ReadAllImagesFromTars`` from ``--resize``, ``--crop``,
+    ``--resize_mode`` and ``--interpolation``, or ``{}`` without ``--resize``; ``model_input`` adds Resize's
+    ``dtype``, ``layout``, ``mean`` and ``std`` (``pipelines.embed``; the writing jobs get uint8 HWC, what their
+    sinks write). Raises UsageError for what Resize refuses. Imports no Beam."""
+    if args.resize is None:
+        return {}
+    from beam_tarimg.resize import Resize
+
+    try:
+        return {"resize": Resize(args.resize, crop=args.crop, mode=args.resize_mode,
+                                 interpolation=args.interpolation, **model_input)}
+    except ValueError as e:
+        raise UsageError(f"--resize: {e}") from None
+
+
 def _check_values(args: argparse.Namespace) -> None:
     for flag, minimum in (("batch_size", 1), ("num_threads", 1), ("num_shards", 0), ("row_group_mb", 1),
                           ("preview_rows", 0)):
@@ -376,6 +397,11 @@ def _check_values(args: argparse.Namespace) -> None:
         raise UsageError("--mean and --std need --dtype float32")
     if args.crop is not None and args.resize is None:
         raise UsageError("--crop needs --resize (e.g. --resize 256 --crop 224)")
+    if args.image_format is None:  # not given: the JPEG's own bytes, or with --resize its resized pixels as PNG
+        args.image_format = DEFAULT_IMAGE_FORMAT if args.resize is None else PNG
+    elif args.resize is not None and args.image_format == ORIGINAL:
+        raise UsageError("--image_format original stores each JPEG's own bytes, not the resized pixels: with "
+                         "--resize use png (its default), raw or jpeg")
     if args.row_group_mb > 1024:
         raise UsageError(f"argument --row_group_mb: must be at most 1024, got {args.row_group_mb}")
     try:

@@ -7,6 +7,8 @@ Prints a summary (tars, images written, failures, images/s, where the output wen
 output. ``--help`` lists the flags; every other flag is passed to Beam. The columns are described in
 ``beam_tarimg.schema``; by default (``--image_format original``) the image column holds each JPEG's own bytes in
 Hugging Face's ``Image`` storage, so ``datasets.load_dataset("parquet", data_files=...)`` gives PIL images.
+``--resize`` (with ``--crop``, ``--resize_mode``, ``--interpolation``: ``pipelines.options.resize_option``)
+resizes on decode and stores the resized pixels, as PNG unless ``--image_format`` says raw or jpeg.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from pipelines import main_for, preview_lines, run_pipeline
-from pipelines.options import PARQUET_FLAGS
+from pipelines.options import PARQUET_FLAGS, resize_option
 
 PROG = "python -m pipelines.tar_to_parquet"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and write them to Parquet."
@@ -56,7 +58,7 @@ def preview(path: str, n: int) -> List[str]:
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
     return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview,
-                        flags=PARQUET_FLAGS)
+                        flags=PARQUET_FLAGS, read_options=resize_option)
 
 
 def main() -> None:

@@ -4,7 +4,9 @@
 
 Prints a summary (tars, images written, failures, images/s, where the output went) and the first records of
 the output. ``--help`` lists the flags; every other flag is passed to Beam. The features (``image/encoded``,
-``image/format``, ...) are described in ``beam_tarimg.tfrecordio``. Needs ``pip install tfrecord`` (or TensorFlow) for the Example classes.
+``image/format``, ...) are described in ``beam_tarimg.tfrecordio``. ``--resize`` (and ``--crop``, ``--resize_mode``,
+``--interpolation``) resizes on decode and stores the resized pixels, as PNG unless ``--image_format`` says raw
+or jpeg. Needs ``pip install tfrecord`` (or TensorFlow) for the Example classes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from pipelines import main_for, preview_lines, run_pipeline
-from pipelines.options import TFRECORD_FLAGS, TFRECORD_HELP
+from pipelines.options import TFRECORD_FLAGS, TFRECORD_HELP, resize_option
 
 PROG = "python -m pipelines.tar_to_tfrecord"
 DESCRIPTION = "Decode the JPEGs of webdataset-style tar shards with NVIDIA DALI and write them to TFRecord files."
@@ -57,7 +59,7 @@ def preview(path: str, n: int) -> List[str]:
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Runs the pipeline with these command-line flags; returns the summary dict it printed."""
     return run_pipeline(argv, prog=PROG, description=DESCRIPTION, make_sink=_sink, preview=preview,
-                        flags=TFRECORD_FLAGS, helps=TFRECORD_HELP)
+                        flags=TFRECORD_FLAGS, helps=TFRECORD_HELP, read_options=resize_option)
 
 
 def main() -> None:

@@ -147,29 +147,26 @@ def test_embed_usage_errors_come_back_before_beam_is_imported(data, tmp_path, ca
     assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
 
 
-def test_embed_resize_flags_need_beam_tarimgs_resize():
-    # Until beam_tarimg.Resize (resize on decode, issue 18) is in this tree, --resize is a usage error that
-    # says so; with it, the flags become its arguments (pipelines.embed.model_input).
-    import beam_tarimg
+def test_embed_resize_flags_become_a_resize_on_decode_and_no_numpy_preprocessing():
+    # With --resize the decode resizes, crops and normalises (pipelines.embed.model_input): the flags are
+    # beam_tarimg.Resize's arguments, and no numpy Normalize runs on the batches.
+    from beam_tarimg import Resize
     from pipelines.embed import model_input
-    from pipelines.options import EMBED_FLAGS, UsageError, parse_args
+    from pipelines.options import EMBED_FLAGS, parse_args
 
     args, _ = parse_args(["--input", "x", "--output", "o", "--model", "m.onnx", "--resize", "256", "--crop",
-                          "224", "--interpolation", "cubic"], "embed", "", flags=EMBED_FLAGS)
-    if hasattr(beam_tarimg, "Resize"):
-        options, preprocess = model_input(args)
-        assert preprocess is None and isinstance(options["resize"], beam_tarimg.Resize)
-    else:
-        with pytest.raises(UsageError, match="beam_tarimg.Resize"):
-            model_input(args)
+                          "224", "--interpolation", "cubic", "--mean", "127.5", "--std", "1,2,3"], "embed", "",
+                         flags=EMBED_FLAGS)
+    options, preprocess = model_input(args)
+    assert preprocess is None
+    assert options == {"resize": Resize(256, crop=224, interpolation="cubic", dtype="float32", layout="CHW",
+                                        mean=127.5, std=(1, 2, 3))}
 
 
 def test_embed_job_with_resize__variable_size_jpegs_give_rows_equal_to_onnxruntime_on_the_same_resized_decode(
         tmp_path, read_tars):
     import beam_tarimg
 
-    if not hasattr(beam_tarimg, "Resize"):
-        pytest.skip("beam_tarimg.Resize (resize on decode) is not in this tree")
     data = tmp_path / "in"
     data.mkdir()
     sizes = [(48, 40), (64, 30), (30, 64), (100, 75), (40, 48)]

@@ -115,6 +115,23 @@ def test_fuzz__seeded_slice_through_the_decode_core_and_the_job_is_clean(tmp_pat
     assert rc == 0 and r["verdict"] == "pass" and r["problems"] == []
 
 
+def test_fuzz__seeded_slice_with_resize_on_decode_is_clean(tmp_path):
+    """The same harness with ``--resize`` (Resize(64, crop=48), the job with ``--resize 64 --crop 48``): one
+    outcome per input, good images equal to the Resize's Pillow path (within 2 levels where DALI decoded), no
+    crash, nothing lost. Before the fix in Resize.geometry, seed 1's zero-width frames failed whole batches."""
+    out = tmp_path / "report.json"
+    rc = fuzz.main(["--seed", "1", "--resize", "--jpeg-mutants", "450", "--tar-mutants", "0", "--skip-inputs",
+                    "--unchecked-batches", "1", "--job-timeout", "120", "--core-timeout", "120", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["resize"].startswith("Resize(size=64, crop=(48, 48)")
+    assert r["jpeg_mutants_by_kind"]["sof_dimensions"] >= 1
+    assert not r["core"]["crashes"] and not r["core"]["hangs"] and r["core"]["violations"] == []
+    assert r["core_unchecked"]["violations"] == [] and not r["core_unchecked"]["crashes"]
+    assert r["job_runs"] == 1 and r["job_exit_codes"] == [0] and r["hangs"] == 0
+    assert (r["members_lost"], r["members_duplicated"], r["outputs_unexplained"]) == (0, 0, 0)
+    assert rc == 0 and r["verdict"] == "pass" and r["problems"] == []
+
+
 def test_job__sof_component_count_crasher_among_63_good_images_costs_only_itself(tmp_path):
     """The issue's crasher: a 64x48 JPEG whose SOF component count is 2 instead of 3, in one batch of 64 with
     63 good images, through ``python -m pipelines.tar_to_parquet``: exit 0, every good image pixel-exact, the

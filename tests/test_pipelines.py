@@ -289,3 +289,91 @@ def test_user_errors_exit_2_before_any_work_with_one_line_and_no_traceback(shard
     assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], (case, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not [name for name in os.listdir(tmp_path) if name.startswith(("o-", "o.", "beam-temp"))]
+
+
+# --- resize on decode in the writing jobs ------------------------------------------------------------------
+
+
+def _written_images(summary):
+    """{image_id: (pixels decoded from the stored bytes with Pillow, image_format, the bytes' first 8)} of a job's
+    output files, Parquet or TFRecord."""
+    from PIL import Image
+
+    from beam_tarimg.tfrecordio import example_pb2, read_records
+
+    rows = []
+    for path in summary["output_files"]:
+        if path.endswith(".parquet"):
+            rows += [(r["image_id"], r["image"]["bytes"], r["image_format"]) for r in pq.read_table(path).to_pylist()]
+            continue
+        with open(path, "rb") as f:
+            for record in read_records(f):
+                feature = example_pb2().Example.FromString(record).features.feature
+                rows.append(tuple(feature[k].bytes_list.value[0] for k in ("image/source_id", "image/encoded",
+                                                                           "image/format")))
+    return {(i.decode() if isinstance(i, bytes) else i): (np.asarray(Image.open(io.BytesIO(data))),
+                                                          fmt.decode() if isinstance(fmt, bytes) else fmt, data[:8])
+            for i, data, fmt in rows}
+
+
+@pytest.mark.parametrize("job,format_flags", [
+    (tar_to_parquet, ["--image_format", "png"]),
+    (tar_to_tfrecord, []),  # png is the default with --resize
+])
+def test_writing_jobs_with_resize__rows_hold_as_png_exactly_the_pixels_the_reader_resizes_to(
+        shards, tmp_path, read_tars, job, format_flags):
+    from beam_tarimg import Resize
+
+    summary, _ = _run_quietly(job.run, [
+        "--input", str(shards), "--output", str(tmp_path / "o" / "images"), "--resize", "64", "--crop", "48",
+        *format_flags, "--failures", str(tmp_path / "o" / "failures.jsonl"), "--batch_size", "4", "--quiet",
+        "--preview_rows", "1", "--runner", "FnApiRunner",
+    ])
+    assert (summary["images_written"], summary["failures"]) == (GOOD_TARS * IMAGES_PER_TAR + 1, 1)
+    written = _written_images(summary)
+    expected = {i.image_id: i.image_data for i in read_tars(str(shards), resize=Resize(64, crop=48)).images}
+    assert sorted(written) == sorted(expected)
+    for image_id, (pixels, fmt, head) in written.items():
+        assert fmt == "png" and head == b"\x89PNG\r\n\x1a\n"
+        assert pixels.shape == (48, 48, 3)
+        np.testing.assert_array_equal(pixels, expected[image_id], err_msg=image_id)
+    (failure,) = [json.loads(line) for line in (tmp_path / "o" / "failures.jsonl").read_text().splitlines()]
+    assert failure["member"] == "broken.jpg"
+
+
+@pytest.mark.parametrize("job,args,message", [
+    ("tar_to_parquet", ["--resize", "64", "--image_format", "original"],
+     "--image_format original stores each JPEG's own bytes, not the resized pixels"),
+    ("tar_to_tfrecord", ["--resize", "64", "--image_format", "original"], "with --resize use png"),
+    ("tar_to_parquet", ["--resize", "64", "--dtype", "float32"], "unrecognized arguments: --dtype float32"),
+    ("tar_to_tfrecord", ["--resize", "64", "--layout", "CHW"], "unrecognized arguments: --layout CHW"),
+    ("tar_to_parquet", ["--resize", "64", "--mean", "127"], "unrecognized arguments: --mean 127"),
+    ("tar_to_parquet", ["--crop", "48"], "--crop needs --resize"),
+    ("tar_to_tfrecord", ["--resize", "64", "--crop", "80"], "--resize: crop (80, 80) is larger than size=64"),
+    ("tar_to_parquet", ["--resize", "64x48"], "--resize: size"),
+    ("tar_to_parquet", ["--resize", "64", "--resize_mode", "letterbox", "--crop", "32"], "crop is for mode"),
+])
+def test_writing_jobs_resize_usage_errors_come_back_before_beam_is_imported(shards, tmp_path, job, args, message):
+    argv = ["--input", str(shards), "--output", str(tmp_path / "o" / "images"), *args]
+    probe = (
+        "import sys\n"
+        f"from pipelines import {job}\n"
+        "from pipelines.options import UsageError\n"
+        "try:\n"
+        f"    {job}.run({argv!r})\n"
+        "except UsageError as e:\n"
+        "    print('USAGE', e)\n"
+        "print('HEAVY', sorted(m for m in ('apache_beam', 'nvidia.dali', 'pyarrow') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "USAGE" in proc.stdout and message in proc.stdout, (proc.stdout, proc.stderr)
+    assert "HEAVY []" in proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_writing_job_resize_usage_error_on_the_command_line_is_one_line_and_exit_2(shards, tmp_path):
+    proc = _cli("tar_to_parquet", "--input", str(shards), "--output", str(tmp_path / "o"), "--resize", "224",
+                "--image_format", "original")
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "error:" in line and "--image_format original" in line and "png" in line

@@ -381,3 +381,45 @@ def test_dali_decoder__images_dali_fails_or_decodes_to_another_size_get_the_same
     for outcome in outcomes[1:3]:
         assert outcome.pixels.shape == (3, 224, 224)
         assert np.abs(as_pixels(outcome.pixels, r) - expected).max() < 1e-3
+
+
+# -- fuzz findings (bench.fuzz --resize) ---------------------------------------------------------------------------
+
+
+def _claim(blob: bytes, width: int, height: int) -> bytes:
+    from bench.fuzz_pixels import claim
+
+    return claim(blob, width, height)
+
+
+def test_resize__a_header_claiming_a_side_of_0_is_planned_as_1_not_divided_by():
+    # bench.fuzz's sof_dimensions mutants (seed 1: a frame of 0 x 72, another of 1 x 0): the run planning
+    # computed each output's size from the header and raised ZeroDivisionError, which failed the whole batch.
+    for r in (Resize(64, crop=48), Resize(64), Resize((50, 70), mode="letterbox"), Resize((9, 7), mode="stretch")):
+        for height, width in ((0, 72), (72, 0), (0, 0)):
+            assert r.output_nbytes(height, width) > 0
+            assert len(r.stored_geometry(height, width, 6)) == 3
+
+
+def test_image_decoder__a_frame_claiming_a_side_of_0_costs_only_itself_with_a_resize():
+    good = [make_jpeg(i, width=64, height=48) for i in range(3)]
+    zero_w, zero_h = _claim(good[0], 0, 48), _claim(good[1], 64, 0)
+    r = Resize(64, crop=48)
+    decoder = ImageDecoder(max_batch_size=8, num_threads=2, device="cpu", resize=r)
+    try:
+        outcomes = decoder.decode([zero_w, good[0], zero_h, good[1], good[2]])
+    finally:
+        decoder.close()
+    assert [o.pixels is None for o in outcomes] == [True, False, True, False, False]
+    assert all(o.error for o in (outcomes[0], outcomes[2]))
+    for outcome, blob in zip(outcomes[1::2] + outcomes[4:], good[:2] + good[2:]):
+        assert outcome.pixels.shape == (48, 48, 3)
+        assert np.abs(outcome.pixels.astype(int) - reference(blob, r)).max() <= 2
+
+
+def test_read_images_from_tars__a_frame_claiming_a_side_of_0_is_one_failure_not_a_failed_job(tmp_path, read_tars):
+    good = {f"{i}.jpg": make_jpeg(10 + i, width=64, height=48) for i in range(3)}
+    tar = write_tar(tmp_path / "zero.tar", [("zero.jpg", _claim(good["0.jpg"], 0, 48)), *good.items()])
+    result = read_tars(str(tar), batch_size=8, device="cpu", resize=Resize(64, crop=48))
+    assert [(f.member, f.stage) for f in result.failures] == [("zero.jpg", "decode")]
+    assert sorted(result.by_member()) == sorted(good)
