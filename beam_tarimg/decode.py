@@ -132,8 +132,8 @@ class ImageDecoder:
         its bytes can code (``jpeg.implausible``), is refused (an error outcome) without being decoded.
       resize: a ``beam_tarimg.Resize`` applied to every image on the decode device (DALI, or the same transform
         in the Pillow fallback: see ``beam_tarimg.resize``); None (default) gives the decoded images unchanged.
-        Runs are then planned by each image's decoded frame (still decoded at full size) plus twice its output
-        (DALI's output and its copy), against the same budget.
+        Runs are then planned by each image's decoded frame (still decoded at full size) plus its resized
+        intermediate and the copies of its output, against the same budget.
 
     ``decode()``, ``decode_runs()``, ``decode_stream()`` and ``stream()`` are thread-safe, so one instance can
     serve every DoFn of a process: with ``isolation="process"`` the runs of several threads are in flight at
@@ -316,12 +316,19 @@ class ImageDecoder:
         return reason
 
     def _planned_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
-        """What decoding one image of ``dims`` (width, height) holds: its RGB frame, plus, with a resize, its output
-        twice (DALI's and the copy handed out)."""
+        """What decoding one image of ``dims`` (width, height) holds, in the budget's planned bytes (each standing for
+        the 4 real bytes, 2 in-process, that ``max_run_bytes`` describes): its RGB frame; with a resize, plus its
+        resized intermediate and its output's real copies (DALI's, the shared-memory copy and the run handed
+        downstream; in-process DALI's and the one buffer) scaled to planned bytes."""
         if dims is None:
             return 0
         frame = dims[0] * dims[1] * 3
-        return frame if self.resize is None else frame + 2 * self.resize.output_nbytes(dims[1], dims[0])
+        if self.resize is None:
+            return frame
+        (rh, rw), _ = self.resize.geometry(dims[1], dims[0])
+        copies = 3 if self.isolation == "process" else 2
+        held = rh * rw * 3 + copies * self.resize.output_nbytes(dims[1], dims[0])
+        return frame + -(-held * self._plan_bytes // self.max_run_bytes)
 
     def _output_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
         """The pixel bytes decoding one image of ``dims`` (width, height) hands out (its output slot's share)."""

@@ -219,19 +219,22 @@ def test_image_decoder__fixed_shape_outputs_are_one_array_without_a_copy_on_both
         assert d.max() <= 8
 
 
-def test_image_decoder__plans_runs_by_the_full_frame_plus_the_outputs():
+def test_image_decoder__plans_runs_by_the_full_frame_plus_the_resized_copies():
     r = Resize(256, crop=224, dtype="float32")
     decoder = ImageDecoder(64, 2, device="cpu", isolation="none", resize=r, max_run_bytes=9_000_000)
     try:
         frame = 500 * 400 * 3
-        assert decoder._planned_bytes((500, 400)) == frame + 2 * 224 * 224 * 3 * 4
+        # In-process, a planned byte stands for 2 real ones: the frame as planned, plus the 256x320 intermediate
+        # and two copies of the 224x224 float32 output at their real size, halved.
+        held = 256 * 320 * 3 + 2 * 224 * 224 * 3 * 4
+        assert decoder._planned_bytes((500, 400)) == frame + held // 2 == 1_324_992
         blobs = [make_jpeg(i, 500, 400) for i in range(6)]
         runs = [run for run, _ in decoder.decode_runs(blobs)]
     finally:
         decoder.close()
-    # 4.5 MB planned per run (half the budget in-process) holds two such images (1.8 MB each), not three; by
+    # 4.5 MB planned per run (half the budget in-process) holds three such images (1.3 MB each), not four; by
     # their frames alone (0.6 MB) it would hold all six.
-    assert [len(run) for run in runs] == [2, 2, 2]
+    assert [len(run) for run in runs] == [3, 3]
 
 
 def _photo_tar(tmp_path, photos):
