@@ -23,6 +23,7 @@ import json
 import lzma
 import posixpath
 import re
+import struct
 import tarfile
 import zlib
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -202,6 +203,44 @@ def _decode_field(value: bytes, encoding: str, fallback: str, errors: str) -> st
         return value.decode(fallback, errors)
 
 
+# A ustar/GNU header block: name, mode, uid, gid, size, mtime, chksum, type, linkname, (magic, version: unread,
+# as in tarfile), uname, gname, devmajor, devminor, prefix.
+_HEADER_FIELDS = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s12x")
+
+
+def _plain_header(cls, buf, encoding: str, errors: str):
+    """What ``tarfile.TarInfo.frombuf`` makes of ``buf`` when it is the usual header: a regular file (type ``0``
+    or NUL, not a V7 directory), numbers in octal digits, the unsigned checksum right. None for anything else
+    (base-256 numbers, other types, a signed or bad checksum, the end-of-archive block), which tarfile parses
+    itself. A test compares the two on real and mutated headers."""
+    if len(buf) != tarfile.BLOCKSIZE or buf[156] not in (0x30, 0):
+        return None
+    (name, mode, uid, gid, size, mtime, chksum, kind, linkname, uname, gname, devmajor, devminor,
+     prefix) = _HEADER_FIELDS.unpack(buf)
+    try:
+        # tarfile's nti() for octal fields: up to the first NUL, stripped, base 8. int() of the bytes accepts a
+        # subset of what nti() accepts of the same text (it strips fewer kinds of whitespace; non-ASCII bytes,
+        # base-256 numbers and junk raise): anything else goes to tarfile.
+        numbers = [int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+                   for field in (mode, uid, gid, size, mtime, chksum, devmajor, devminor)]
+    except ValueError:
+        return None
+    if numbers[5] != 256 + sum(buf) - sum(buf[148:156]):
+        return None
+    name = tarfile.nts(name, encoding, errors)
+    if kind == tarfile.AREGTYPE and name.endswith("/"):
+        return None  # a V7 directory
+    info = cls()
+    info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.devmajor, info.devminor = numbers
+    info.type = kind
+    info.linkname = tarfile.nts(linkname, encoding, errors)
+    info.uname = tarfile.nts(uname, encoding, errors)
+    info.gname = tarfile.nts(gname, encoding, errors)
+    prefix = tarfile.nts(prefix, encoding, errors)
+    info.name = prefix + "/" + name if prefix else name
+    return info
+
+
 class _GuardedTarInfo(tarfile.TarInfo):
     """tarfile's header parsing, bounded; also remembers why tarfile stopped iterating.
 
@@ -217,6 +256,12 @@ class _GuardedTarInfo(tarfile.TarInfo):
     the next header), negative sizes: each raises ``_BadHeader``. Sparse members (old GNU, and GNU 0.0, 0.1,
     1.0 in PAX) are marked ``_tarimg_sparse`` and their data skipped; their maps are never parsed.
     """
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):  # type: ignore[override]
+        """tarfile's ``frombuf``: ``_plain_header`` for the usual header (~3x faster), tarfile's own for the rest."""
+        info = _plain_header(cls, buf, encoding, errors)
+        return info if info is not None else super().frombuf(buf, encoding, errors)
 
     @classmethod
     def fromtarfile(cls, tf):  # type: ignore[override]

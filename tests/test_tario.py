@@ -693,3 +693,58 @@ def test_read_tar__many_jpegs_under_one_key_are_handed_on_in_batches_with_metada
     assert [len(b) for b in batches] == [10] * 6
     assert read_at_first < len(raw) // 2
     assert all(img.metadata == {"k": 1} for b in batches for img in b.images)
+
+
+def _header_outcome(parse, buf):
+    try:
+        info = parse(buf, "utf-8", "surrogateescape")
+    except Exception as e:  # tarfile's HeaderError kinds
+        return type(e).__name__
+    return (info.name, info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.type,
+            info.linkname, info.uname, info.gname, info.devmajor, info.devminor, getattr(info, "_sparse_structs", None))
+
+
+def test_plain_header__parses_as_tarfile_does_on_real_and_mutated_headers():
+    # The fast path for the usual header must agree with tarfile.TarInfo.frombuf on every block: the headers
+    # tarfile writes in its three formats (long names, ustar prefixes, large and base-256 numbers, odd types),
+    # and those blocks with bytes flipped or set in their numeric fields, names and type (checksum fixed or not).
+    import random
+
+    from beam_tarimg.tario import _GuardedTarInfo
+
+    blocks = []
+    names = ["a.jpg", "dir/b.jpeg", "d" * 99, "p/" * 60 + "deep.jpg", "caf\xe9.jpg", "dir/", "x" * 120]
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for i, name in enumerate(names):
+            for kind in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE):
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                info.size = (0, 5, 8 ** 11 - 1, 8 ** 11)[i % 4] if kind in (tarfile.REGTYPE, tarfile.AREGTYPE) else 0
+                info.mtime, info.uid, info.gid, info.mode = 1_700_000_000 + i, 1000 * i, 7, 0o644
+                info.uname, info.gname = "user", "group"
+                info.linkname = "target" if kind == tarfile.SYMTYPE else ""
+                try:
+                    data = info.tobuf(fmt, "utf-8", "surrogateescape")
+                except ValueError:  # a name or number the format cannot hold
+                    continue
+                blocks += [data[k : k + 512] for k in range(0, len(data), 512)]
+    rng = random.Random(0)
+    mutated = []
+    for block in blocks:
+        for _ in range(30):
+            b = bytearray(block)
+            for _ in range(rng.randint(1, 3)):
+                pos = rng.choice([rng.randrange(512), rng.randrange(100, 157), rng.randrange(329, 345), 156])
+                b[pos] = rng.choice([0, 0x20, 0x30, 0x37, 0x38, 0x2B, 0x5F, 0x80, 0xFF, rng.randrange(256)])
+            if rng.random() < 0.7:  # most with a right checksum, so the fields themselves are what is tested
+                b[148:156] = ("%06o" % (sum(b[:148]) + 8 * 32 + sum(b[156:]))).encode() + b"\0 "
+            mutated.append(bytes(b))
+    all_blocks = blocks + mutated + [bytes(512), b"\0" * 511 + b"\x01"]
+    from beam_tarimg.tario import _plain_header
+
+    fast = 0
+    for buf in all_blocks:
+        got = _header_outcome(_GuardedTarInfo.frombuf, buf)
+        assert got == _header_outcome(tarfile.TarInfo.frombuf, buf), (buf, got)
+        fast += _plain_header(_GuardedTarInfo, buf, "utf-8", "surrogateescape") is not None
+    assert len(all_blocks) > 3000 and fast > 250, (len(all_blocks), fast)  # the fast path took a fair share
