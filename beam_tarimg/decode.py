@@ -118,11 +118,11 @@ class ImageDecoder:
         H100/H200; baseline JPEGs only); the rest take nvJPEG's CUDA path, whose Huffman decoding runs on
         the ``num_threads`` CPU threads (GPU only).
       max_run_bytes: a budget for the memory that decoding one run takes, from the pixel sizes the headers
-        claim: DALI holds about twice a run's pixels at its peak, the decoder process's shared-memory copy one
-        more, and the run before it, handed downstream while this one decodes, one more, so runs are planned
-        at a quarter of it (a half with ``isolation="none"``: DALI's twice, one run at a time); the run queued
-        behind them has its shared memory set aside but not yet written (untouched pages cost nothing). A run
-        stops short of ``max_batch_size`` images to stay under that, and a single larger image runs alone.
+        claim: DALI holds about twice a run's pixels at its peak and the decoder process's shared-memory copy
+        one more; with runs pipelined, the run decoded just before it may still wait to be taken, and the one
+        before that be held downstream, one more each: runs are planned at a fifth of it (a half with
+        ``isolation="none"``: DALI's twice, one run at a time). A run stops short of ``max_batch_size`` images
+        to stay under that, and a single larger image runs alone.
       isolation: ``"process"`` (default) runs DALI and the Pillow fallback in a child process that the
         calling process supervises and restarts: a native crash costs only the image that caused it.
         ``"none"`` runs them in the calling process (a crash there kills it). See the module docstring.
@@ -190,9 +190,10 @@ class ImageDecoder:
         self.max_pixels = max_pixels
         self.max_scans = int(max_scans)
         # DALI's CPU decoder holds about twice a run's pixels at its peak (measured: 2.4x for runs of 45 MB of
-        # 3 MP images), and in the decoder process the shared-memory copy adds one more: runs are planned at a
-        # half (in-process) or a quarter (decoder process) of the budget.
-        self._plan_bytes = self.max_run_bytes // (4 if isolation == "process" else 2)
+        # 3 MP images), and in the decoder process the shared-memory copy adds one more, and the two runs before
+        # it (one waiting to be taken, one held downstream) one each: runs are planned at a half (in-process) or
+        # a fifth (decoder process) of the budget.
+        self._plan_bytes = self.max_run_bytes // (5 if isolation == "process" else 2)
         self.device = config["device"]
         self.isolation = isolation
         self.crashes = 0
@@ -227,6 +228,7 @@ class ImageDecoder:
         has them already (the transforms' read stage does)."""
         for _, run, outcomes in self.decode_stream([(None, encoded, headers)]):
             yield run, outcomes
+            del outcomes  # before the next run is handed over: its shared memory may take this run's place
 
     def decode_stream(
         self, batches: Iterable[Tuple[Any, Sequence[bytes], Optional[Sequence[Optional[JpegHeader]]]]]
@@ -317,16 +319,16 @@ class ImageDecoder:
 
     def _planned_bytes(self, dims: Optional[Tuple[int, int]]) -> int:
         """What decoding one image of ``dims`` (width, height) holds, in the budget's planned bytes (each standing for
-        the 4 real bytes, 2 in-process, that ``max_run_bytes`` describes): its RGB frame; with a resize, plus its
-        resized intermediate and its output's real copies (DALI's, the shared-memory copy and the run handed
-        downstream; in-process DALI's and the one buffer) scaled to planned bytes."""
+        the 5 real bytes, 2 in-process, that ``max_run_bytes`` describes): its RGB frame; with a resize, plus its
+        resized intermediate and its output's real copies (DALI's, the shared-memory copy, the run waiting to
+        be taken and the run held downstream; in-process DALI's and the one buffer) scaled to planned bytes."""
         if dims is None:
             return 0
         frame = dims[0] * dims[1] * 3
         if self.resize is None:
             return frame
         (rh, rw), _ = self.resize.geometry(dims[1], dims[0])
-        copies = 3 if self.isolation == "process" else 2
+        copies = 4 if self.isolation == "process" else 2
         held = rh * rw * 3 + copies * self.resize.output_nbytes(dims[1], dims[0])
         return frame + -(-held * self._plan_bytes // self.max_run_bytes)
 

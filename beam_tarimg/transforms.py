@@ -287,11 +287,13 @@ class _DecodeBatchesFn(_SetupStateFn):
             if self._stream.last_decode_s is not None:
                 self._decode_ms.update(int(self._stream.last_decode_s * 1000))
             self._report_builds()
+            out = None
             for out in self._emit(batch, run, outcomes):
                 if isinstance(out, TaggedOutput):
                     yield TaggedOutput(out.tag, WindowedValue(out.value, timestamp, (window,)))
                 else:
                     yield WindowedValue(out, timestamp, (window,))
+            del out, outcomes  # before the next run is handed over: its shared memory may take this run's place
 
     def _report_builds(self) -> None:
         s = self._shared

@@ -250,8 +250,21 @@ def _encoded_batch(tar_path) -> EncodedBatch:
 
 
 def _main_outputs(fn, element) -> list:
-    """What ``fn.process`` yields on its main output (failures are tagged and left out)."""
-    return [e for e in fn.process(element) if isinstance(e, (EncodedBatch, ImageBatch))]
+    """What ``fn`` gives on its main output for one element in one bundle, as a runner calls it (start_bundle,
+    process in the global window, finish_bundle; failures are tagged and left out; windowed values unwrapped)."""
+    import inspect
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    fn.start_bundle()
+    takes_window = "window" in inspect.signature(fn.process).parameters
+    out = list(fn.process(element, window=GlobalWindow(), timestamp=MIN_TIMESTAMP) if takes_window
+               else fn.process(element))
+    out += list(fn.finish_bundle() or [])
+    out = [e.value if isinstance(e, WindowedValue) else e for e in out]
+    return [e for e in out if isinstance(e, (EncodedBatch, ImageBatch))]
 
 
 @pytest.mark.parametrize("pickler_name", sorted(PICKLERS))
