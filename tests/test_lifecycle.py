@@ -31,9 +31,9 @@ def _slots_mapped_in(pid: int) -> set:
 
 
 def test_decoder_process__free_slots_beyond_the_budget_are_unmapped_in_both_processes():
-    # max_run_bytes=80 MiB: runs are planned at 16 MiB (a fifth), and free slots are kept for reuse up to that,
-    # not beyond. Small runs each take a slot of the minimum size, 16 MiB.
-    decoder = ImageDecoder(max_batch_size=8, num_threads=1, device="cpu", max_run_bytes=80 << 20)
+    # max_run_bytes=112 MiB: runs are planned at 16 MiB (a seventh), and free slots are kept for reuse up to
+    # that, not beyond. Small runs each take a slot of the minimum size, 16 MiB.
+    decoder = ImageDecoder(max_batch_size=8, num_threads=1, device="cpu", max_run_bytes=112 << 20)
     process = decoder._process
     blobs = [make_jpeg(i) for i in range(8)]
     kept = [decoder.decode(blobs) for _ in range(3)]  # three runs alive: three slots in use
