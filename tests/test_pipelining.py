@@ -174,3 +174,26 @@ def test_reader__pipelined_across_elements_keeps_each_images_window(tmp_path, re
 class _WithWindow(beam.DoFn):
     def process(self, kv, w=beam.DoFn.WindowParam):
         yield kv[0], kv[1], int(w.start)
+
+
+def test_decoder_process__pixels_beyond_the_planned_slot_come_back_in_a_buffer_of_the_childs():
+    # The output slot is sized from the headers' claims; pixels that do not fit (no claim at all here) come back
+    # in a memfd the decoder process makes, which joins the pool. Exact pixels, no crash.
+    from beam_tarimg.dali import plan_of
+    from beam_tarimg.jpeg import parse_jpeg
+
+    decoder = ImageDecoder(max_batch_size=4, num_threads=1, device="cpu")
+    process = decoder._process
+    blobs = [make_jpeg(40 + i, 40, 30) for i in range(3)]
+    plans = [plan_of(parse_jpeg(b)) for b in blobs]
+    before = set(process._slots)
+    outcomes = process.decode(blobs, plans, out_bytes=0)
+    assert [o.decoder for o in outcomes] == ["cpu"] * 3
+    for blob, o in zip(blobs, outcomes):
+        assert np.array_equal(o.pixels, pillow_rgb(blob))
+    (adopted,) = set(process._slots) - before
+    assert process._slots[adopted].size == 3 * 40 * 30 * 3
+    del outcomes, o
+    again = decoder.decode(blobs)  # and the usual path goes on
+    assert all(np.array_equal(o.pixels, pillow_rgb(b)) for o, b in zip(again, blobs)) and decoder.crashes == 0
+    decoder.close()
