@@ -225,7 +225,7 @@ class ImageDecoder:
         self, encoded: Sequence[bytes], headers: Optional[Sequence[Optional[JpegHeader]]] = None
     ) -> Iterator[Tuple[List[int], List[DecodeOutcome]]]:
         """Decodes run by run, yielding ``(indices, outcomes)`` for each run as it is done, so that a caller
-        can hand each run's images on before the next run is decoded (what bounds memory: see
+        can hand each run's images on while the next run decodes (what bounds memory: see
         ``max_run_bytes``). ``headers``: ``jpeg.parse_jpeg(blob, max_scans)`` of each input, when the caller
         has them already (the transforms' read stage does)."""
         for _, run, outcomes in self.decode_stream([(None, encoded, headers)]):
